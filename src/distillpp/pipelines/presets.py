@@ -1,0 +1,275 @@
+"""Named student/teacher pairs with their reference settings (SPEC section 5), and a registry.
+
+A :class:`Preset` is data: which weights make the student and the teacher, which scheduler the
+student samples with, and the default guidance knobs. Each model family registers a loader
+(:func:`register_family`) that turns a preset into a pipeline; :func:`from_preset` dispatches on
+``preset.family``. Other modules (e.g. :mod:`distillpp.pipelines.flow`) add presets with
+:func:`register_preset`.
+
+Guidance defaults come from the authors' reference code (SPEC section 5). Presets whose student is
+not in that table (Hyper-SD) borrow the values of the closest solver and say so in ``notes``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+from .base import GuidanceDefaults, WeightsRef
+
+__all__ = [
+    "Preset",
+    "PRESETS",
+    "register_preset",
+    "get_preset",
+    "list_presets",
+    "register_family",
+    "from_preset",
+    "FAMILY_MODULES",
+]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A student/teacher pair and how to sample it.
+
+    Attributes:
+        name: registry key, e.g. ``"sdxl-lightning-4step-lora"``.
+        family: model family, selects the loader: ``"sd15"``, ``"sd2"``, ``"sdxl"`` (:mod:`.sd`);
+            ``"flux"``, ``"sd3"`` (:mod:`.flow`).
+        base: repo (or folder) of the diffusers pipeline that provides text encoders, tokenizers, VAE
+            and scheduler config; for ``student_kind="pipeline"`` it is the student itself.
+        student_kind: ``"lora"`` (adapter on the base model), ``"unet"`` (a replacement denoising
+            network: ``student`` is a diffusers folder/repo or a single state-dict file) or
+            ``"pipeline"`` (``base`` is the student).
+        student: the student weights (``None`` for ``"pipeline"``).
+        teacher: repo/folder of the teacher (its ``unet``/``transformer`` and ``scheduler`` subfolders),
+            ``"base"`` for the base pipeline's own network, or ``"adapter-off"`` (LoRA students: the
+            same network with the adapter disabled).
+        scheduler: diffusers scheduler class the student samples with.
+        scheduler_config: overrides applied to the base scheduler config (``timestep_spacing``...).
+        num_inference_steps: student steps.
+        timesteps: explicit student timesteps (DMD2), or ``None``.
+        guidance_scale: the student's CFG scale in diffusers' convention (LCM: its guidance embedding
+            uses ``guidance_scale - 1``); ``<= 1`` means no student CFG.
+        guidance: default teacher-guidance knobs.
+        height, width: default image size.
+        variant: weight variant to prefer in the base/teacher repos (``"fp16"``).
+        lora_scale: scale of a LoRA student.
+        extra: family-specific settings (e.g. flow-model shift, max sequence length).
+        notes: where the numbers come from.
+    """
+
+    name: str
+    family: str
+    base: str
+    student_kind: str
+    student: WeightsRef | None
+    teacher: str
+    scheduler: str
+    scheduler_config: Mapping[str, Any] = field(default_factory=dict)
+    num_inference_steps: int = 4
+    timesteps: tuple[int, ...] | None = None
+    guidance_scale: float = 0.0
+    guidance: GuidanceDefaults = GuidanceDefaults()
+    height: int = 1024
+    width: int = 1024
+    variant: str | None = "fp16"
+    lora_scale: float = 1.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.student_kind not in ("lora", "unet", "pipeline"):
+            raise ValueError(f"student_kind must be 'lora', 'unet' or 'pipeline', got {self.student_kind!r}")
+        if self.student_kind != "pipeline" and self.student is None:
+            raise ValueError(f"preset {self.name}: student_kind={self.student_kind!r} needs student weights")
+        if self.teacher == "adapter-off" and self.student_kind != "lora":
+            raise ValueError(f"preset {self.name}: teacher='adapter-off' needs a LoRA student")
+
+    def with_overrides(self, **changes: Any) -> "Preset":
+        """A copy with some fields replaced (``guidance`` accepts a dict of knob overrides)."""
+        if isinstance(changes.get("guidance"), Mapping):
+            changes["guidance"] = replace(self.guidance, **changes["guidance"])
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, Preset] = {}
+
+# family -> module that registers its loader (imported on first use).
+FAMILY_MODULES: dict[str, str] = {
+    "sd15": "distillpp.pipelines.sd",
+    "sd2": "distillpp.pipelines.sd",
+    "sdxl": "distillpp.pipelines.sd",
+    "flux": "distillpp.pipelines.flow",
+    "sd3": "distillpp.pipelines.flow",
+}
+_LOADERS: dict[str, Callable[..., Any]] = {}
+_FAMILIES_IMPORTED = False
+
+
+def register_preset(preset: Preset, overwrite: bool = False) -> Preset:
+    """Add a preset to :data:`PRESETS`.
+
+    Raises:
+        ValueError: the name is taken and ``overwrite`` is false.
+    """
+    if preset.name in PRESETS and not overwrite and PRESETS[preset.name] != preset:
+        raise ValueError(f"preset {preset.name!r} is already registered; pass overwrite=True to replace it")
+    PRESETS[preset.name] = preset
+    return preset
+
+
+def register_family(family: str, loader: Callable[..., Any]) -> None:
+    """Register ``loader(preset, **kwargs) -> pipeline`` for a model family."""
+    _LOADERS[family] = loader
+
+
+def _import_families() -> None:
+    """Import the family modules once, so their presets and loaders are registered."""
+    global _FAMILIES_IMPORTED
+    if _FAMILIES_IMPORTED:
+        return
+    _FAMILIES_IMPORTED = True
+    for module in sorted(set(FAMILY_MODULES.values())):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # a missing dependency inside an existing module is a real error
+                raise
+
+
+def list_presets(family: str | None = None) -> list[str]:
+    """Names of the registered presets (optionally of one family)."""
+    _import_families()
+    return sorted(n for n, p in PRESETS.items() if family is None or p.family == family)
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    _import_families()
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def from_preset(name: str | Preset, **kwargs: Any) -> Any:
+    """Load the pipeline of a preset with its family's loader.
+
+    Args:
+        name: a preset name or a :class:`Preset`.
+        **kwargs: loader options: ``base=``, ``student=``, ``teacher=`` (local folders or ids that
+            override the preset's), ``torch_dtype=``, ``device=``, ``download=`` (default ``False``:
+            local files and the Hugging Face cache only), ``teacher_device=``, ``teacher_offload=``.
+
+    Raises:
+        MissingWeightsError: weights are missing (the message lists them and how to get them).
+    """
+    preset = get_preset(name) if isinstance(name, str) else name
+    if preset.family not in _LOADERS:
+        _import_families()
+    if preset.family not in _LOADERS:
+        raise ValueError(f"no loader registered for family {preset.family!r} (preset {preset.name!r})")
+    return _LOADERS[preset.family](preset, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# SD1.5 / SD2 / SDXL presets.
+# --------------------------------------------------------------------------------------------
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+_TRAILING = {"timestep_spacing": "trailing"}
+
+# SPEC section 5: LCM (SDXL): consistency, lam 0.01 in eps space, 1-2 guided steps, teacher CFG 8.
+_LCM = GuidanceDefaults(strength=0.01, guided_steps=1, space="eps", teacher_cfg=8.0)
+# LCM-LoRA: lam 0.01-0.02 in eps space, 1 guided step, teacher CFG 3-8.
+_LCM_LORA = GuidanceDefaults(strength=0.02, guided_steps=1, space="eps", teacher_cfg=7.5)
+# DMD2: lam 0.01 in eps space, 2 guided steps, teacher CFG 7.5.
+_DMD2 = GuidanceDefaults(strength=0.01, guided_steps=2, space="eps", teacher_cfg=7.5)
+# SDXL-Lightning / Turbo: Euler (ancestral), lam 0.03-0.1 in x0 space, 1-2 guided steps, CFG 7.5.
+_EULER_X0 = GuidanceDefaults(strength=0.05, guided_steps=1, space="x0", teacher_cfg=7.5)
+
+register_preset(Preset(
+    name="sd15-lcm", family="sd15", base="SimianLuo/LCM_Dreamshaper_v7", student_kind="pipeline", student=None,
+    teacher="Lykon/dreamshaper-7", scheduler="LCMScheduler", num_inference_steps=4, guidance_scale=8.0,
+    guidance=_LCM, height=512, width=512, variant=None,
+    notes="LCM distilled from Dreamshaper v7 (the LCM paper's SD1.5 model); guidance values from the SDXL LCM row.",
+))
+register_preset(Preset(
+    name="sdxl-lcm", family="sdxl", base=SDXL_BASE, student_kind="unet",
+    student=WeightsRef("latent-consistency/lcm-sdxl", role="student UNet",
+                       allow_patterns=("config.json", "*.fp16.safetensors")),
+    teacher="base", scheduler="LCMScheduler", num_inference_steps=4, guidance_scale=8.0, guidance=_LCM,
+    notes="SPEC section 5, LCM (SDXL) row.",
+))
+register_preset(Preset(
+    name="sd15-lcm-lora", family="sd15", base=SD15_BASE, student_kind="lora",
+    student=WeightsRef("latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors", role="student LoRA"),
+    teacher="adapter-off", scheduler="LCMScheduler", num_inference_steps=4, guidance_scale=1.0,
+    guidance=_LCM_LORA, height=512, width=512, variant=None,
+    notes="SPEC section 5, LCM-LoRA row (SDXL values reused for SD1.5).",
+))
+register_preset(Preset(
+    name="sdxl-lcm-lora", family="sdxl", base=SDXL_BASE, student_kind="lora",
+    student=WeightsRef("latent-consistency/lcm-lora-sdxl", "pytorch_lora_weights.safetensors", role="student LoRA"),
+    teacher="adapter-off", scheduler="LCMScheduler", num_inference_steps=4, guidance_scale=1.0,
+    guidance=_LCM_LORA, notes="SPEC section 5, LCM-LoRA (SDXL) row.",
+))
+for _n in (2, 4, 8):
+    register_preset(Preset(
+        name=f"sdxl-lightning-{_n}step", family="sdxl", base=SDXL_BASE, student_kind="unet",
+        student=WeightsRef("ByteDance/SDXL-Lightning", f"sdxl_lightning_{_n}step_unet.safetensors",
+                           role="student UNet"),
+        teacher="base", scheduler="EulerDiscreteScheduler", scheduler_config=_TRAILING, num_inference_steps=_n,
+        guidance_scale=0.0, guidance=_EULER_X0, notes="SPEC section 5, SDXL-Lightning row; Euler, trailing.",
+    ))
+    register_preset(Preset(
+        name=f"sdxl-lightning-{_n}step-lora", family="sdxl", base=SDXL_BASE, student_kind="lora",
+        student=WeightsRef("ByteDance/SDXL-Lightning", f"sdxl_lightning_{_n}step_lora.safetensors",
+                           role="student LoRA"),
+        teacher="adapter-off", scheduler="EulerDiscreteScheduler", scheduler_config=_TRAILING,
+        num_inference_steps=_n, guidance_scale=0.0, guidance=_EULER_X0,
+        notes="SPEC section 5, SDXL-Lightning LoRA row; Euler, trailing.",
+    ))
+register_preset(Preset(
+    name="sdxl-dmd2-4step", family="sdxl", base=SDXL_BASE, student_kind="unet",
+    student=WeightsRef("tianweiy/DMD2", "dmd2_sdxl_4step_unet_fp16.bin", role="student UNet"),
+    teacher="base", scheduler="LCMScheduler", num_inference_steps=4, timesteps=(999, 749, 499, 249),
+    guidance_scale=0.0, guidance=_DMD2, notes="SPEC section 5, DMD2 row; multistep consistency at 999/749/499/249.",
+))
+register_preset(Preset(
+    name="sdxl-dmd2-4step-lora", family="sdxl", base=SDXL_BASE, student_kind="lora",
+    student=WeightsRef("tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors", role="student LoRA"),
+    teacher="adapter-off", scheduler="LCMScheduler", num_inference_steps=4, timesteps=(999, 749, 499, 249),
+    guidance_scale=0.0, guidance=_DMD2, notes="SPEC section 5, DMD2 row (LoRA variant).",
+))
+register_preset(Preset(
+    name="sdxl-turbo", family="sdxl", base="stabilityai/sdxl-turbo", student_kind="pipeline", student=None,
+    teacher=SDXL_BASE, scheduler="EulerAncestralDiscreteScheduler", scheduler_config=_TRAILING,
+    num_inference_steps=4, guidance_scale=0.0, guidance=_EULER_X0, height=512, width=512,
+    notes="SPEC section 5, SDXL-Turbo row; Euler ancestral, trailing, 512px like the student.",
+))
+register_preset(Preset(
+    name="sd-turbo", family="sd2", base="stabilityai/sd-turbo", student_kind="pipeline", student=None,
+    teacher="stabilityai/stable-diffusion-2-1-base", scheduler="EulerAncestralDiscreteScheduler",
+    scheduler_config=_TRAILING, num_inference_steps=4, guidance_scale=0.0, guidance=_EULER_X0, height=512,
+    width=512, notes="SDXL-Turbo row of SPEC section 5 reused; SD-Turbo is distilled from SD 2.1 (512px, eps).",
+))
+for _n in (4, 8):
+    register_preset(Preset(
+        name=f"sdxl-hyper-sd-{_n}step-lora", family="sdxl", base=SDXL_BASE, student_kind="lora",
+        student=WeightsRef("ByteDance/Hyper-SD", f"Hyper-SDXL-{_n}steps-lora.safetensors", role="student LoRA"),
+        teacher="adapter-off", scheduler="DDIMScheduler",
+        # Hyper-SD samples with DDIM "trailing"; set_alpha_to_one lands the last step on sigma 0.
+        scheduler_config={"timestep_spacing": "trailing", "set_alpha_to_one": True},
+        num_inference_steps=_n, guidance_scale=0.0, guidance=_EULER_X0,
+        notes="Not in the reference code: DDIM is Euler in VE coordinates, so the Lightning row's values are used.",
+    ))
+del _n
