@@ -1,0 +1,189 @@
+"""Sampling the Fashion-MNIST zoo for evaluation: a method is a zoo model, a step count, and
+optional teacher guidance; every method draws the same initial noise for the same seed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..api import sample
+from ..guidance import TeacherGuidance
+
+__all__ = ["TEACHER_OF", "Method", "get_zoo", "ModelCache", "initial_noise", "generate", "sample_forwards"]
+
+# Which teacher guides each student (the zoo's students were distilled from these).
+TEACHER_OF = {"lcm": "teacher", "pd": "teacher", "flow-student": "flow-teacher"}
+
+
+def get_zoo() -> Any:
+    """The :mod:`distillpp.zoo` module (imported lazily: it loads weights from the package)."""
+    from .. import zoo
+
+    return zoo
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of sampling a zoo model.
+
+    Args:
+        model: zoo name (``"teacher"``, ``"lcm"``, ``"pd"``, ``"flow-teacher"``, ``"flow-student"``).
+        steps: sampler steps (``None``: the model's default).
+        cfg: CFG scale of the sampled model (``None``: the model's default for teachers, 1.0 for
+            students, which have CFG distilled in).
+        guidance: :class:`~distillpp.TeacherGuidance` keyword arguments (JSON-able: ``strength`` a number
+            or a list), or ``None`` for the model alone. ``teacher_cfg=None`` means the teacher's default.
+        label: display name (default: built from the fields).
+    """
+
+    model: str
+    steps: int | None = None
+    cfg: float | None = None
+    guidance: Mapping[str, Any] | None = field(default=None, hash=False)
+    label: str | None = field(default=None, compare=False)
+
+    @property
+    def teacher(self) -> str | None:
+        return TEACHER_OF.get(self.model) if self.guidance else None
+
+    def key(self) -> str:
+        """A stable string identifying the method (for result caches)."""
+        d = {"model": self.model, "steps": self.steps, "cfg": self.cfg,
+             "guidance": dict(sorted(self.guidance.items())) if self.guidance else None}
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    def describe(self) -> str:
+        if self.label:
+            return self.label
+        text = self.model + (f" {self.steps} steps" if self.steps else "")
+        if self.cfg is not None:
+            text += f" cfg {self.cfg:g}"
+        if self.guidance:
+            g = self.guidance
+            lam = g.get("strength")
+            lam = "/".join(f"{v:g}" for v in lam) if isinstance(lam, (list, tuple)) else f"{lam:g}"
+            text += f" + guided ({g.get('space', 'x0')} λ={lam}, {g.get('steps', 1)} step"
+            text += "s" if g.get("steps", 1) != 1 else ""
+            for name, default in (("renoise", "next"), ("samples", 1), ("noise", "random")):
+                if g.get(name, default) != default:
+                    text += f", {name} {g[name]}"
+            if g.get("teacher_cfg") is not None:
+                text += f", teacher cfg {g['teacher_cfg']:g}"
+            text += ")"
+        return text
+
+    def build_guidance(self, teacher: Any) -> TeacherGuidance | None:
+        if not self.guidance:
+            return None
+        kw = dict(self.guidance)
+        if kw.get("teacher_cfg") is None:
+            kw["teacher_cfg"] = teacher.default_cfg
+        if isinstance(kw.get("strength"), list):
+            kw["strength"] = tuple(kw["strength"])
+        return TeacherGuidance(**kw)
+
+    def resolved_steps(self, model: Any) -> int:
+        return int(self.steps if self.steps is not None else model.default_steps)
+
+    def resolved_cfg(self, model: Any) -> float:
+        if self.cfg is not None:
+            return float(self.cfg)
+        return 1.0 if self.model in TEACHER_OF else float(model.default_cfg)
+
+
+class ModelCache:
+    """Loads each zoo model (and the classifier) once.
+
+    Args:
+        zoo: the zoo module (or a stand-in with the same ``load``/``load_classifier``).
+        device, dtype, models_dir: passed to ``zoo.load``.
+    """
+
+    def __init__(self, zoo: Any = None, device: Any = "cpu", dtype: torch.dtype = torch.float32, models_dir=None):
+        self.zoo = zoo if zoo is not None else get_zoo()
+        self.device, self.dtype, self.models_dir = torch.device(device), dtype, models_dir
+        self._models: dict[str, Any] = {}
+        self._classifier: Any = None
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._models:
+            self._models[name] = self.zoo.load(name, device=self.device, dtype=self.dtype, models_dir=self.models_dir)
+        return self._models[name]
+
+    def classifier(self) -> Any:
+        if self._classifier is None:
+            clf = self.zoo.load_classifier(device=self.device, models_dir=self.models_dir)
+            self._classifier = clf.eval() if hasattr(clf, "eval") else clf
+        return self._classifier
+
+
+def initial_noise(seed: int, n: int, shape: tuple[int, ...] = (1, 32, 32)) -> torch.Tensor:
+    """``[n, *shape]`` unit Gaussian noise from a CPU generator seeded ``seed`` (same on every device)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn((n, *shape), generator=g)
+
+
+def sample_forwards(method: Method, models: ModelCache) -> int:
+    """Network evaluations per image (a CFG forward counts twice, K teacher draws K times)."""
+    m = models[method.model]
+    n = method.resolved_steps(m) * (2 if method.resolved_cfg(m) != 1.0 else 1)
+    if method.guidance:
+        t = models[method.teacher]
+        g = method.build_guidance(t)
+        n += g.steps * g.samples * (2 if float(g.teacher_cfg) != 1.0 else 1)
+    return n
+
+
+def _with_cfg(args: Mapping[str, Any], cfg: float) -> dict[str, Any]:
+    return {**args, "cfg_scale": cfg}
+
+
+@torch.no_grad()
+def generate(
+    method: Method,
+    models: ModelCache,
+    labels: torch.Tensor,
+    noise: torch.Tensor,
+    seed: int,
+    batch_size: int = 1000,
+    progress: Callable[[int], Any] | None = None,
+) -> torch.Tensor:
+    """Sample ``method`` for ``labels`` from the given initial ``noise``.
+
+    Args:
+        method: what to sample.
+        models: loaded zoo models.
+        labels: ``[N]`` class labels.
+        noise: ``[N, C, H, W]`` unit Gaussian noise (see :func:`initial_noise`); scaled to the model's
+            first sigma by ``model.initial``.
+        seed: seeds the sampler's generator (fresh noise of ancestral/consistency steps, re-noising).
+        batch_size: images per sampler call.
+        progress: called with the number of images finished after each batch.
+
+    Returns:
+        ``[N, C, H, W]`` float32 samples on the CPU.
+    """
+    model = models[method.model]
+    device = models.device
+    steps, cfg = method.resolved_steps(model), method.resolved_cfg(model)
+    sigmas = model.sigmas(steps)
+    teacher = models[method.teacher] if method.guidance else None
+    guidance = method.build_guidance(teacher) if teacher is not None else None
+    generator = torch.Generator(device=device).manual_seed(int(seed) + 1_000_003)
+    out = []
+    for start in range(0, labels.shape[0], batch_size):
+        y = labels[start : start + batch_size].to(device)
+        x = model.initial(noise[start : start + batch_size].to(device), sigmas)
+        x = sample(
+            model.denoiser, x, sigmas, sampler=model.sampler, generator=generator,
+            extra_args=_with_cfg(model.args(y), cfg),
+            teacher=teacher.denoiser if teacher is not None else None, guidance=guidance,
+            teacher_args=teacher.args(y) if teacher is not None else None,
+        )
+        out.append(x.float().cpu())
+        if progress is not None:
+            progress(y.shape[0])
+    return torch.cat(out)
