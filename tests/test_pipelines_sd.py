@@ -38,7 +38,6 @@ from distillpp.pipelines import PRESETS, DistillppPipelineOutput, MissingWeights
 from distillpp.pipelines.base import AdapterOffNet, lora_state  # noqa: E402
 from distillpp.pipelines.sd import DistillppPipeline, SCHEDULER_SAMPLERS, student_scheduler  # noqa: E402
 
-torch.set_num_threads(2)
 
 SIZE = 32  # image side; the tiny VAE downsamples by 2 -> 16x16 latents
 SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
@@ -100,7 +99,8 @@ def tiny_unet(sdxl: bool, seed: int = 0, time_cond_proj_dim: int | None = None, 
 def tiny_vae() -> AutoencoderKL:
     torch.manual_seed(0)
     return AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
+        norm_num_groups=8, layers_per_block=1,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
     ).eval()
@@ -177,3 +177,228 @@ def test_strength_zero_matches_diffusers(tokenizer_dir, sdxl, case):
     assert isinstance(ours, DistillppPipelineOutput)
     assert ours.images.shape == ref.shape == (4, SIZE, SIZE, 3)
     assert np.abs(ours.images - ref).max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------
+# Recording what each UNet call sees.
+# ------------------------------------------------------------------------------------------
+
+
+class CallLog:
+    """Forward pre-hooks on UNets: batch size, LoRA on/off and the text conditioning of each call."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.handles = []
+
+    def watch(self, unet, name: str) -> "CallLog":
+        layers = [m for m in unet.modules() if hasattr(m, "disable_adapters") and hasattr(m, "merged_adapters")]
+
+        def hook(module, args, kwargs):
+            ehs = kwargs.get("encoder_hidden_states")
+            self.calls.append({
+                "unet": name,
+                "batch": args[0].shape[0],
+                "lora_on": bool(layers) and not any(m.disable_adapters for m in layers),
+                "ehs": ehs.detach().clone() if ehs is not None else None,
+                "t": args[1].detach().clone(),
+            })
+
+        self.handles.append(unet.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def sd_lora_pipe(tokenizer_dir):
+    pipe = tiny_pipe(tokenizer_dir, False)
+    add_tiny_lora(pipe.unet)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora_pipe(tokenizer_dir):
+    pipe = tiny_pipe(tokenizer_dir, True)
+    add_tiny_lora(pipe.unet)
+    return pipe
+
+
+@pytest.mark.parametrize("which", ["sd_lora_pipe", "sdxl_lora_pipe"])
+def test_adapter_off_teacher_sees_lora_disabled(request, which):
+    pipe = request.getfixturevalue(which)
+    dp = DistillppPipeline(pipe, "adapter-off", guidance_scale=0.0)
+    log = CallLog().watch(pipe.unet, "unet")
+    try:
+        dp(PROMPT, num_inference_steps=3, guided_steps=2, strength=0.3, teacher_cfg=4.0, generator=gen(),
+           height=SIZE, width=SIZE, output_type="latent")
+    finally:
+        log.remove()
+    # Step 0: student (LoRA on), teacher (LoRA off, CFG batch 2); step 1 likewise; step 2: student only.
+    assert [(c["batch"], c["lora_on"]) for c in log.calls] == [(1, True), (2, False), (1, True), (2, False), (1, True)]
+    assert lora_state(pipe.unet).disabled is False  # restored after the run
+
+    # The adapter-off teacher computes exactly the base UNet (LoRA removed), not the student.
+    base = tiny_unet(dp.is_sdxl)
+    x = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=gen(1))
+    t = torch.tensor([500.0, 500.0])
+    cond = {"encoder_hidden_states": torch.randn(2, 77, 64 if dp.is_sdxl else 32, generator=gen(2))}
+    if dp.is_sdxl:
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=gen(3)),
+                                     "time_ids": torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2, dtype=torch.float32)}
+    with torch.no_grad():
+        off = AdapterOffNet(distillpp.unet_fn(pipe.unet), pipe.unet)(x, t, **cond)
+        ref = base(x, t, **cond).sample
+        on = pipe.unet(x, t, **cond).sample
+    assert torch.allclose(off, ref, atol=1e-5)
+    assert (on - ref).abs().max() > 1e-3  # the LoRA does change the student
+
+
+def test_fused_lora_detected_and_unfused_on_request(tokenizer_dir):
+    pipe = tiny_pipe(tokenizer_dir, False)
+    add_tiny_lora(pipe.unet)
+    pipe.fuse_lora(components=["unet"])
+    with pytest.raises(ValueError, match="fused"):
+        DistillppPipeline(pipe, "adapter-off")
+    with pytest.warns(UserWarning, match="unfusing"):
+        DistillppPipeline(pipe, "adapter-off", unfuse=True)
+    assert lora_state(pipe.unet, pipe).merged == [] and pipe.num_fused_loras == 0
+    # Fused and then unloaded: the base weights are gone for good.
+    pipe.fuse_lora(components=["unet"])
+    pipe.unload_lora_weights()
+    with pytest.raises(ValueError, match="base weights are gone"):
+        DistillppPipeline(pipe, "adapter-off", unfuse=True)
+    # No LoRA at all.
+    with pytest.raises(ValueError, match="needs a LoRA adapter"):
+        DistillppPipeline(tiny_pipe(tokenizer_dir, False), "adapter-off")
+
+
+@pytest.fixture(scope="module")
+def sd_pair(tokenizer_dir):
+    return tiny_pipe(tokenizer_dir, False), tiny_unet(False, seed=5)
+
+
+def test_negative_prompts_reach_the_teacher(sd_pair):
+    pipe, teacher = sd_pair
+    dp = DistillppPipeline(pipe, teacher, guidance_scale=0.0)
+
+    def encode(texts):
+        return pipe.encode_prompt(texts, "cpu", 1, False)[0]
+
+    for kwargs, expected_neg in [
+        ({}, ["", ""]),
+        ({"negative_prompt": "blurry"}, ["blurry", "blurry"]),
+        ({"negative_prompt": "blurry", "teacher_negative_prompt": ["ugly", "dark"]}, ["ugly", "dark"]),
+    ]:
+        log = CallLog().watch(teacher, "teacher").watch(pipe.unet, "student")
+        try:
+            dp([PROMPT, "a cat"], num_inference_steps=2, strength=0.2, generator=gen(), height=SIZE, width=SIZE,
+               output_type="latent", **kwargs)
+        finally:
+            log.remove()
+        student = [c for c in log.calls if c["unet"] == "student"]
+        tcalls = [c for c in log.calls if c["unet"] == "teacher"]
+        assert len(tcalls) == 1 and tcalls[0]["batch"] == 4 and all(c["batch"] == 2 for c in student)
+        uncond, cond = tcalls[0]["ehs"].chunk(2)
+        assert torch.allclose(cond, encode([PROMPT, "a cat"]))
+        assert torch.allclose(uncond, encode(expected_neg)), kwargs
+        assert torch.allclose(student[0]["ehs"], encode([PROMPT, "a cat"]))
+
+
+def test_batch_samples_and_reproducibility(sd_pair):
+    pipe, teacher = sd_pair
+    dp = DistillppPipeline(pipe, teacher, guidance_scale=0.0)
+    kw = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="np", num_images_per_prompt=2)
+    log = CallLog().watch(teacher, "teacher")
+    try:
+        a = dp([PROMPT, "a cat"], generator=gen(3), strength=0.5, samples=2, **kw).images
+    finally:
+        log.remove()
+    assert a.shape == (4, SIZE, SIZE, 3) and np.isfinite(a).all()
+    assert [c["batch"] for c in log.calls] == [4 * 2 * 2]  # batch x CFG x samples, one forward
+    b = dp([PROMPT, "a cat"], generator=gen(3), strength=0.5, samples=2, **kw).images
+    np.testing.assert_array_equal(a, b)
+    c = dp([PROMPT, "a cat"], generator=gen(4), strength=0.5, samples=2, **kw).images
+    plain = dp([PROMPT, "a cat"], generator=gen(3), strength=0.0, **kw).images
+    assert np.abs(a - c).max() > 1e-3 and np.abs(a - plain).max() > 1e-3
+    # Images of a batch are not copies of each other.
+    assert np.abs(a[0] - a[1]).max() > 1e-3
+    pil = dp(PROMPT, generator=gen(3), num_inference_steps=1, height=SIZE, width=SIZE)
+    assert len(pil.images) == 1 and pil.images[0].size == (SIZE, SIZE)
+
+
+def test_call_argument_errors(sd_pair):
+    pipe, teacher = sd_pair
+    dp = DistillppPipeline(pipe, teacher)
+    for kwargs, match in [
+        (dict(strength=1.5), "strength"),
+        (dict(guided_steps=5, num_inference_steps=2), "steps"),
+        (dict(space="latent"), "space"),
+        (dict(generator=[gen(), gen()]), "generator"),
+        (dict(height=33), "multiples"),
+        (dict(negative_prompt=["a", "b"]), "negative_prompt"),
+        (dict(output_type="jpg"), "output_type"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            dp(PROMPT, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# Mismatched pairs fail before sampling.
+# ------------------------------------------------------------------------------------------
+
+
+def test_mismatched_pairs_raise(tokenizer_dir, sd_pair):
+    sdxl_pipe = tiny_pipe(tokenizer_dir, True)
+    sd_pipe, sd_teacher = sd_pair
+    with pytest.raises(ValueError, match="cross_attention_dim.*addition_embed_type|addition_embed_type"):
+        DistillppPipeline(sdxl_pipe, sd_teacher)
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        DistillppPipeline(sd_pipe, tiny_unet(False, cross_attention_dim=64))
+    with pytest.raises(ValueError, match="latent"):
+        DistillppPipeline(sd_pipe, tiny_unet(False, in_channels=8, out_channels=8))
+    with pytest.raises(ValueError, match="prediction_type"):
+        DistillppPipeline(sd_pipe, sd_teacher, teacher_scheduler={**sd_pipe.scheduler.config,
+                                                                  "prediction_type": "flow_prediction"})
+    bad = tiny_pipe(tokenizer_dir, False, diffusers.DPMSolverMultistepScheduler(**SCHED))
+    with pytest.raises(ValueError, match="scheduler DPMSolverMultistepScheduler is not supported"):
+        DistillppPipeline(bad, sd_teacher)
+    with pytest.raises(ValueError, match="teacher_device or teacher_offload"):
+        DistillppPipeline(sd_pipe, sd_teacher, teacher_device="cpu", teacher_offload="cpu")
+    # v-prediction teachers are fine.
+    DistillppPipeline(sd_pipe, sd_teacher, teacher_scheduler={**sd_pipe.scheduler.config,
+                                                              "prediction_type": "v_prediction"})
+
+
+# ------------------------------------------------------------------------------------------
+# Teacher placement.
+# ------------------------------------------------------------------------------------------
+
+
+def test_teacher_offload_and_placement_give_the_same_images(sd_pair):
+    pipe, teacher = sd_pair
+    kw = dict(num_inference_steps=2, strength=0.5, height=SIZE, width=SIZE, output_type="np")
+    same = DistillppPipeline(pipe, teacher)(PROMPT, generator=gen(5), **kw).images
+    ptrs = [p.data_ptr() for p in teacher.parameters()]
+    off = DistillppPipeline(pipe, teacher, teacher_offload="cpu")
+    np.testing.assert_array_equal(off(PROMPT, generator=gen(5), **kw).images, same)
+    assert all(p.device.type == "cpu" for p in teacher.parameters())
+    assert [p.data_ptr() for p in teacher.parameters()] == ptrs  # host copy kept, nothing copied back
+    placed = DistillppPipeline(pipe, teacher, teacher_device="cpu")
+    np.testing.assert_array_equal(placed(PROMPT, generator=gen(5), **kw).images, same)
+
+
+def test_placed_net_moves_nested_conditioning():
+    from distillpp.pipelines.base import PlacedNet
+
+    seen = {}
+
+    def net(x, t, **cond):
+        seen.update(x=x.device, t=t.device, ehs=cond["added_cond_kwargs"]["time_ids"].device)
+        return x * 2
+
+    out = PlacedNet(net, "cpu")(torch.ones(1, 2), torch.ones(1), added_cond_kwargs={"time_ids": torch.ones(1, 6)})
+    assert seen == {"x": torch.device("cpu"), "t": torch.device("cpu"), "ehs": torch.device("cpu")}
+    assert torch.equal(out, torch.full((1, 2), 2.0))
