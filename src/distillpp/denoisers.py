@@ -148,9 +148,9 @@ class DiscreteVPDenoiser:
         return out
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        t = self.timestep(sigma)  # before any rounding to x's dtype: bf16 sigmas hit the wrong t
         sigma = sigma.to(x.dtype)
         z = x / append_dims((1 + sigma**2).sqrt(), x.ndim)
-        t = self.timestep(sigma)
         out = self.net(z.to(self.dtype or x.dtype), t, **cond).to(x.dtype)
         return self.raw_x0(out, x, z, sigma)
 
@@ -169,15 +169,16 @@ class LCMDenoiser(DiscreteVPDenoiser):
         self.sigma_data = sigma_data
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        t = self.timestep(sigma)
         sigma = sigma.to(x.dtype)
         z = x / append_dims((1 + sigma**2).sqrt(), x.ndim)
-        t = self.timestep(sigma)
         out = self.net(z.to(self.dtype or x.dtype), t, **cond).to(x.dtype)
         x0 = self.raw_x0(out, x, z, sigma)
-        st = append_dims(t.to(x.dtype) * self.timestep_scaling, x.ndim)
+        # Boundary-condition scalings in float32 (10 t reaches 9990; bf16 would round t itself).
+        st = append_dims(t.float() * self.timestep_scaling, x.ndim)
         sd2 = self.sigma_data**2
-        c_skip = sd2 / (st**2 + sd2)
-        c_out = st / (st**2 + sd2).sqrt()
+        c_skip = (sd2 / (st**2 + sd2)).to(x.dtype)
+        c_out = (st / (st**2 + sd2).sqrt()).to(x.dtype)
         return c_out * x0 + c_skip * z
 
 

@@ -51,6 +51,16 @@ def get_ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tup
     return sigma_down, sigma_up
 
 
+def _batch_sigma(sigma: torch.Tensor | float, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``sigma`` repeated over ``x``'s batch in the grid's dtype (``like``), never ``x``'s.
+
+    k-diffusion's ``sigma * x.new_ones(...)`` rounds sigma to a bf16/fp16 sample's dtype, and a
+    discrete denoiser then looks up the wrong timestep (bf16 sends DMD2's 749 to 750). Denoiser
+    outputs are cast back to ``x``'s dtype, so a float32 sigma never promotes the sample.
+    """
+    return torch.as_tensor(sigma, dtype=like.dtype, device=x.device).reshape(1).repeat(x.shape[0])
+
+
 def _student_step(
     model: Any,
     x: torch.Tensor,
@@ -62,8 +72,7 @@ def _student_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Student x0, its direction ``d``, and the guided x0 where ``guide`` says so."""
     sigma = sigmas[i]
-    s_in = x.new_ones([x.shape[0]])
-    x0_s = model(x, sigma * s_in, **extra_args)
+    x0_s = model(x, _batch_sigma(sigma, x, sigmas), **extra_args).to(x.dtype)
     d = (x - x0_s) / sigma
     info = None
     x0 = x0_s
@@ -124,7 +133,6 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
                               guide=None, eta=1.0, s_noise=1.0):
     """DPM-Solver++(2S) ancestral (Lu et al. 2022; k-diffusion). The guide corrects the first-stage x0."""
     extra_args = extra_args or {}
-    s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable, desc="sampling"):
         x0, d = _student_step(model, x, sigmas, i, extra_args, guide, callback)
         sigma = float(sigmas[i])
@@ -138,7 +146,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
             s = t + 0.5 * h
             sigma_s = math.exp(-s)
             x_2 = (sigma_s / sigma) * x - math.expm1(-0.5 * h) * x0
-            x0_2 = model(x_2, sigma_s * s_in, **extra_args)
+            x0_2 = model(x_2, _batch_sigma(sigma_s, x, sigmas), **extra_args).to(x.dtype)
             x = (sigma_down / sigma) * x - math.expm1(-h) * x0_2
         if sigma_up > 0:
             x = x + randn_like(x, generator) * (s_noise * sigma_up)
