@@ -85,7 +85,17 @@ class DiscreteVPSchedule:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "DiscreteVPSchedule":
-        """Build from a diffusers scheduler config (dict or ``FrozenDict``)."""
+        """Build from a diffusers scheduler config (dict or ``FrozenDict``).
+
+        Args:
+            config: the scheduler's config. ``rescale_betas_zero_snr=True`` is refused: its last
+                ``abar`` is 0 (sigma infinite), which no finite grid or timestep lookup reproduces.
+        """
+        if config.get("rescale_betas_zero_snr", False):
+            raise ValueError(
+                "rescale_betas_zero_snr must be False: zero-terminal-SNR schedules (infinite sigma_max) "
+                "are not supported"
+            )
         return cls.from_betas(
             num_train_timesteps=config.get("num_train_timesteps", 1000),
             beta_start=config.get("beta_start", 0.00085),
@@ -177,6 +187,18 @@ def ddim_sigmas(
 
     With ``set_alpha_to_one=False`` diffusers' last DDIM step stops at ``sigma(t=0)`` (about 0.03 for
     SD) and leaves that much noise in the output; our grids always end at 0.
+
+    diffusers' DDIM step targets ``t - T // num_inference_steps``, not the next timestep of its own
+    grid. The two agree for ``leading`` spacing and for ``trailing`` when ``num_inference_steps``
+    divides ``T``; otherwise (``linspace``, or e.g. 3 trailing steps) diffusers lands on one timestep
+    and evaluates the model at the next one, which this self-consistent grid does not reproduce
+    (a small difference for 3 trailing steps; a large one for ``linspace``).
+
+    Args:
+        schedule: the model's training noise table.
+        num_inference_steps: number of sampling steps.
+        timestep_spacing: ``"leading"`` (diffusers' DDIM default), ``"trailing"`` or ``"linspace"``.
+        steps_offset: added to ``leading`` timesteps (SD configs use 1).
     """
     T = schedule.num_train_timesteps
     t = _spaced_timesteps(num_inference_steps, T, timestep_spacing, steps_offset, rounded=True)
@@ -301,15 +323,63 @@ def flow_sigmas(
     return torch.cat([flow_time_to_sigma(s), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
 
 
+# Config options that change a scheduler's interior grid in ways these constructors do not follow:
+# (option, value that is supported). Refusing them beats returning a silently different grid.
+_GRID_OPTIONS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "EulerDiscreteScheduler": (
+        ("interpolation_type", "linear"),
+        ("use_exponential_sigmas", False),
+        ("use_beta_sigmas", False),
+    ),
+    "FlowMatchEulerDiscreteScheduler": (
+        ("use_karras_sigmas", False),
+        ("use_exponential_sigmas", False),
+        ("use_beta_sigmas", False),
+        ("invert_sigmas", False),
+    ),
+}
+
+
+def _check_grid_options(name: str, cfg: Mapping[str, Any]) -> None:
+    if cfg.get("use_karras_sigmas") and name == "EulerDiscreteScheduler":
+        for option in ("sigma_min", "sigma_max"):
+            if cfg.get(option) is not None:
+                raise ValueError(
+                    f"{name} config {option}={cfg[option]!r} is not supported with use_karras_sigmas "
+                    "(only None); pass karras_sigmas(sigma_min, sigma_max, n) explicitly"
+                )
+    for option, supported in _GRID_OPTIONS.get(name, ()):
+        value = cfg.get(option, supported)
+        if value != supported and not (supported is False and value is None):
+            raise ValueError(
+                f"{name} config {option}={value!r} is not supported (only {supported!r}); "
+                "pass explicit sigmas instead"
+            )
+
+
 def sigmas_from_scheduler(scheduler: Any, num_inference_steps: int, **kwargs: Any) -> torch.Tensor:
     """Explicit sigmas for a diffusers scheduler object, read from its class and config.
 
     Supports ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DDIMScheduler``,
     ``LCMScheduler`` (``timesteps=[...]`` for DMD2-style explicit grids) and
-    ``FlowMatchEulerDiscreteScheduler`` (``mu=`` for dynamic shifting).
+    ``FlowMatchEulerDiscreteScheduler`` (``mu=`` for dynamic shifting). The grid equals the
+    scheduler's own ``set_timesteps(num_inference_steps)``. Pipelines may pass their own grid
+    instead: ``FluxPipeline`` calls ``set_timesteps(sigmas=np.linspace(1, 1 / n, n), mu=mu)``,
+    which these defaults do not reproduce.
+
+    Args:
+        scheduler: a diffusers scheduler object (only its class and config are read).
+        num_inference_steps: number of sampling steps.
+        **kwargs: ``timesteps`` (LCM) or ``mu`` (flow dynamic shifting).
+
+    Raises:
+        ValueError: for other scheduler classes, and for config options that change the grid in ways
+            not reproduced here (exponential/beta sigmas, log-linear interpolation, a custom Karras
+            range, inverted flow sigmas, zero-terminal-SNR betas).
     """
     name = type(scheduler).__name__
     cfg = scheduler.config
+    _check_grid_options(name, cfg)
     if name == "FlowMatchEulerDiscreteScheduler":
         return flow_sigmas(
             num_inference_steps,
