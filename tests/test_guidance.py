@@ -79,7 +79,7 @@ def test_guided_step_follows_the_method_exactly():
     x1 = x0 + s1 * d
     info = seen[0]["guidance"]
     assert torch.allclose(info.x0_teacher, x0_t) and torch.allclose(info.x0, x0)
-    assert torch.allclose(info.sigma_teacher, s1 * ones.float())
+    assert torch.allclose(info.sigma_teacher, s1 * ones)
     assert seen[1]["guidance"] is None
     assert torch.allclose(seen[1]["x"], x1)
     assert torch.allclose(info.correction, (x0 - x0_s).pow(2).mean(1).sqrt())
@@ -104,8 +104,8 @@ def test_eps_space_fusion_formula():
 def test_renoise_schedules_pick_the_documented_levels():
     student, teacher, sigmas, x = _setup(n=256)
     for renoise, check in [
-        ("next", lambda s, i: torch.allclose(s, sigmas[i + 1].float().expand_as(s))),
-        ("same", lambda s, i: torch.allclose(s, sigmas[i].float().expand_as(s))),
+        ("next", lambda s, i: torch.allclose(s, sigmas[i + 1].expand_as(s))),
+        ("same", lambda s, i: torch.allclose(s, sigmas[i].expand_as(s))),
         ("random", lambda s, i: bool((s > 0).all() and (s <= sigmas[i] * (1 + 1e-6)).all() and s.std() > 0)),
     ]:
         seen = []
@@ -119,7 +119,7 @@ def test_renoise_schedules_pick_the_documented_levels():
 def test_random_renoise_uses_teacher_timesteps_when_it_has_a_schedule():
     schedule = distillpp.DiscreteVPSchedule.from_betas()
     sigmas = distillpp.schedules.lcm_sigmas(schedule, 4).double()
-    table = schedule.sigmas.float()
+    table = schedule.sigmas
 
     class ScheduledTeacher(GaussianMixtureDenoiser):
         pass
@@ -143,7 +143,7 @@ def test_last_step_guidance_uses_smallest_positive_sigma():
     n = len(sigmas) - 1
     distillpp.sample(student, x, sigmas, sampler="euler", teacher=teacher,
                      guidance=TeacherGuidance(strength=0.5, steps=n), callback=seen.append)
-    assert torch.allclose(seen[-1]["guidance"].sigma_teacher, sigmas[-2].float().expand(x.shape[0]))
+    assert torch.allclose(seen[-1]["guidance"].sigma_teacher, sigmas[-2].expand(x.shape[0]))
 
 
 def test_per_step_strength_list_and_callable():
@@ -249,3 +249,21 @@ def test_gaussian_mixture_denoiser_is_the_posterior_mean():
     # E[x0 - D(x)] = 0 on average.
     assert (pred - x0).mean(0).abs().max() < 0.01
     assert math.isfinite(energy_distance(pred[:500], x0[:500]))
+
+
+def test_teacher_sigma_keeps_the_grid_dtype_for_low_precision_samples():
+    """A bf16 sample must not round the teacher's sigma (DMD2's 749 would become 750)."""
+    schedule = distillpp.DiscreteVPSchedule.from_betas()
+    sigmas = distillpp.schedules.timestep_sigmas(schedule, [999, 749, 499, 249])
+    seen = []
+
+    def net(z, t, **kw):
+        seen.append(t.clone())
+        return torch.zeros_like(z)
+
+    den = distillpp.DiscreteVPDenoiser(net, schedule)
+    x = torch.randn(2, 1, 4, 4).to(torch.bfloat16)
+    distillpp.sample(den, x, sigmas, sampler="consistency", teacher=den,
+                     guidance=TeacherGuidance(strength=0.5, steps=3), generator=torch.Generator().manual_seed(0))
+    # student t, teacher t (next level), per guided step
+    assert [int(t[0]) for t in seen[:6]] == [999, 749, 749, 499, 499, 249]

@@ -162,7 +162,7 @@ class _Guide:
     _checked_shape: bool = field(default=False, repr=False)
 
     def teacher_sigma(self, i: int, batch: int, device: torch.device) -> torch.Tensor:
-        """``sigma'`` for each of ``batch`` re-noised samples."""
+        """``sigma'`` for each of ``batch`` re-noised samples, in the grid's dtype."""
         sigma = self.sigmas[i]
         if self.cfg.renoise == "same":
             level = sigma
@@ -179,11 +179,11 @@ class _Guide:
                 table = schedule.sigmas.to(device)
                 t_i = int(schedule.sigma_to_t(sigma.reshape(1).to(device), quantize=True).item())
                 t = (u * t_i).floor().long() + 1
-                return table[t.clamp(max=t_i)].to(torch.float32)
+                return table[t.clamp(max=t_i)].to(self.sigmas.dtype)
             # No timestep table: uniform in flow time s = sigma / (1 + sigma) over (0, s_i].
             s = u * float(sigma_to_flow_time(sigma.double()))
-            return (s / (1 - s)).to(torch.float32)
-        return torch.full((batch,), float(level), device=device, dtype=torch.float32)
+            return (s / (1 - s)).to(self.sigmas.dtype)
+        return torch.full((batch,), float(level), device=device, dtype=self.sigmas.dtype)
 
     def _gen_device(self, device: torch.device) -> torch.device:
         return self.generator.device if self.generator is not None else device
@@ -216,7 +216,8 @@ class _Guide:
         args = repeat_cond(self.teacher_args, k)
         if self.cfg.teacher_cfg is not None:
             args = {**args, "cfg_scale": self.cfg.teacher_cfg}
-        out = self.teacher(x_t, sigma_t.to(x.dtype), **args)
+        # sigma stays in the grid's dtype: a bf16 sigma would send a discrete teacher to a neighbouring t.
+        out = self.teacher(x_t, sigma_t, **args).to(x.dtype)
         if not self._checked_shape:
             if tuple(out.shape) != tuple(x_t.shape):
                 raise ValueError(
