@@ -202,6 +202,7 @@ class CallLog:
                 "lora_on": bool(layers) and not any(m.disable_adapters for m in layers),
                 "ehs": ehs.detach().clone() if ehs is not None else None,
                 "t": args[1].detach().clone(),
+                "timestep_cond": kwargs.get("timestep_cond") is not None,
             })
 
         self.handles.append(unet.register_forward_pre_hook(hook, with_kwargs=True))
@@ -402,3 +403,90 @@ def test_placed_net_moves_nested_conditioning():
     out = PlacedNet(net, "cpu")(torch.ones(1, 2), torch.ones(1), added_cond_kwargs={"time_ids": torch.ones(1, 6)})
     assert seen == {"x": torch.device("cpu"), "t": torch.device("cpu"), "ehs": torch.device("cpu")}
     assert torch.equal(out, torch.full((1, 2), 2.0))
+
+
+# ------------------------------------------------------------------------------------------
+# Every SD/SDXL preset is wired to the right scheduler, sigmas, sampler and guidance defaults.
+# ------------------------------------------------------------------------------------------
+
+SD_PRESETS = sorted(n for n, p in PRESETS.items() if p.family in ("sd15", "sd2", "sdxl"))
+EXPECTED_SAMPLER = {"lightning": "euler", "turbo": "euler_ancestral", "lcm": "consistency", "dmd2": "consistency",
+                    "hyper-sd": "ddim"}
+EXPECTED_SPACE = {"lightning": "x0", "turbo": "x0", "lcm": "eps", "dmd2": "eps", "hyper-sd": "x0"}
+
+
+def _kind(name: str) -> str:
+    return next(k for k in ("lightning", "turbo", "dmd2", "hyper-sd", "lcm") if k in name)
+
+
+def _diffusers_sigmas(scheduler, num_steps, timesteps):
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=list(timesteps))
+    else:
+        scheduler.set_timesteps(num_steps)
+    if hasattr(scheduler, "sigmas"):
+        return scheduler.sigmas.float()
+    abar = scheduler.alphas_cumprod[scheduler.timesteps.long()].double()
+    return torch.cat([((1 - abar) / abar).sqrt(), torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def test_sd_presets_registered():
+    expected = {"sd15-lcm", "sdxl-lcm", "sd15-lcm-lora", "sdxl-lcm-lora", "sdxl-dmd2-4step", "sdxl-dmd2-4step-lora",
+                "sdxl-turbo", "sd-turbo", "sdxl-hyper-sd-4step-lora", "sdxl-hyper-sd-8step-lora"}
+    expected |= {f"sdxl-lightning-{n}step{s}" for n in (2, 4, 8) for s in ("", "-lora")}
+    assert expected <= set(SD_PRESETS)
+    assert get_preset("sdxl-dmd2-4step").timesteps == (999, 749, 499, 249)
+    with pytest.raises(ValueError, match="known presets"):
+        get_preset("sdxl-nope")
+
+
+@pytest.mark.parametrize("name", SD_PRESETS)
+def test_preset_wiring(tokenizer_dir, name):
+    preset = get_preset(name)
+    kind = _kind(name)
+    sdxl = preset.family == "sdxl"
+    base_sched = EulerDiscreteScheduler(**SCHED, timestep_spacing="leading")  # SD/SDXL base configs
+    embedding = preset.scheduler == "LCMScheduler" and preset.student_kind != "lora" and preset.timesteps is None
+    pipe = tiny_pipe(tokenizer_dir, sdxl, student_scheduler(preset, base_sched),
+                     unet=tiny_unet(sdxl, time_cond_proj_dim=32 if embedding else None))
+    if preset.student_kind == "lora":
+        add_tiny_lora(pipe.unet)
+        teacher = "adapter-off"
+    else:
+        teacher = tiny_unet(sdxl, seed=5)
+    dp = DistillppPipeline(pipe, teacher, base_sched, preset=preset)
+
+    assert type(pipe.scheduler).__name__ == preset.scheduler
+    assert dp.sampler == EXPECTED_SAMPLER[kind] == SCHEDULER_SAMPLERS[preset.scheduler]
+    assert dp.guidance.space == EXPECTED_SPACE[kind]
+    assert dp.guidance.teacher_cfg > 1 and 0 < dp.guidance.strength <= 0.1
+    ref = _diffusers_sigmas(type(pipe.scheduler).from_config(pipe.scheduler.config), preset.num_inference_steps,
+                            preset.timesteps)
+    torch.testing.assert_close(dp.sigmas(), ref, rtol=1e-5, atol=1e-6)
+    if kind in ("lightning", "turbo", "hyper-sd"):
+        assert pipe.scheduler.config.timestep_spacing == "trailing"
+
+    # Strength 0 is the student's diffusers pipeline with the preset's settings.
+    kw = dict(height=SIZE, width=SIZE, output_type="latent", guidance_scale=preset.guidance_scale)
+    steps = {"timesteps": list(preset.timesteps)} if preset.timesteps else {"num_inference_steps": preset.num_inference_steps}
+    expected = pipe(PROMPT, generator=gen(11), **kw, **steps).images
+    plain = dp(PROMPT, generator=gen(11), strength=0.0, **kw).images
+    torch.testing.assert_close(plain, expected, rtol=1e-4, atol=1e-4)
+
+    # One guided call with the preset's defaults: the teacher runs on the first guided_steps steps.
+    log = CallLog().watch(dp.teacher_unet, "teacher" if teacher != "adapter-off" else "unet")
+    if teacher != "adapter-off":
+        log.watch(pipe.unet, "student")
+    try:
+        out = dp(PROMPT, generator=gen(11), height=SIZE, width=SIZE, output_type="latent").images
+    finally:
+        log.remove()
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 0
+    student_calls = [c for c in log.calls if c["batch"] == 1]
+    teacher_calls = [c for c in log.calls if c["batch"] == 2]
+    assert len(student_calls) == len(dp.sigmas()) - 1
+    assert len(teacher_calls) == preset.guidance.guided_steps
+    assert all(c["timestep_cond"] == embedding for c in student_calls)
+    assert not any(c["timestep_cond"] for c in teacher_calls)
+    if teacher == "adapter-off":
+        assert all(c["lora_on"] for c in student_calls) and not any(c["lora_on"] for c in teacher_calls)

@@ -267,8 +267,9 @@ for _n in (4, 8):
         name=f"sdxl-hyper-sd-{_n}step-lora", family="sdxl", base=SDXL_BASE, student_kind="lora",
         student=WeightsRef("ByteDance/Hyper-SD", f"Hyper-SDXL-{_n}steps-lora.safetensors", role="student LoRA"),
         teacher="adapter-off", scheduler="DDIMScheduler",
-        # Hyper-SD samples with DDIM "trailing"; set_alpha_to_one lands the last step on sigma 0.
-        scheduler_config={"timestep_spacing": "trailing", "set_alpha_to_one": True},
+        # Hyper-SD samples with DDIM "trailing"; set_alpha_to_one lands the last step on sigma 0 and
+        # latents are not clipped (DDIMScheduler's default clip_sample=True is for pixel models).
+        scheduler_config={"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False},
         num_inference_steps=_n, guidance_scale=0.0, guidance=_EULER_X0,
         notes="Not in the reference code: DDIM is Euler in VE coordinates, so the Lightning row's values are used.",
     ))
