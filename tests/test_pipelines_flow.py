@@ -214,10 +214,32 @@ def test_flux_strength0_equals_flux_pipeline(flux, output_type):
     ref = pipe([PROMPT, "a cat"], num_inference_steps=4, guidance_scale=0.0, generator=gen(),
                output_type=output_type, num_images_per_prompt=2, **SIZE).images
     guided = FlowDistillppPipeline(pipe, teacher)
-    out = guided([PROMPT, "a cat"], num_inference_steps=4, strength=0.0, generator=gen(), output_type=output_type,
-                 num_images_per_prompt=2, **SIZE).images
+    calls = spy(teacher)
+    try:
+        out = guided([PROMPT, "a cat"], num_inference_steps=4, strength=0.0, generator=gen(),
+                     output_type=output_type, num_images_per_prompt=2, **SIZE).images
+    finally:
+        del teacher.forward
+    assert calls == []  # strength 0: the teacher is never built, let alone run
     assert out.shape == ref.shape
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4, rtol=0)
+
+
+def test_given_latents_equal_drawn_ones(flux, sd3):
+    for pipe, teacher in (flux, sd3):
+        guided = FlowDistillppPipeline(pipe, teacher)
+        if pipe is flux[0]:  # FLUX draws [B, C, H, W] noise, then packs 2x2 patches into tokens
+            noise = pipe._pack_latents(torch.randn((1, 1, 16, 16), generator=gen(3)), 1, 1, 16, 16)
+        else:
+            noise = torch.randn((1, 4, 16, 16), generator=gen(3))
+        a = guided(PROMPT, strength=0.3, latents=noise, generator=gen(), output_type="latent", **SIZE).images
+        b = guided(PROMPT, strength=0.3, generator=gen(3), output_type="latent", **SIZE).images
+        assert not torch.equal(a, b)  # the guidance draws differ (other generator) ...
+        c = guided(PROMPT, strength=0.0, latents=noise, output_type="latent", **SIZE).images
+        d = guided(PROMPT, strength=0.0, generator=gen(3), output_type="latent", **SIZE).images
+        assert torch.equal(c, d)  # ... but the initial sample is the same
+        with pytest.raises(ValueError, match="latents must have shape"):
+            guided(PROMPT, latents=noise[..., :2], output_type="latent", **SIZE)
 
 
 def test_flux_dev_alone_equals_flux_pipeline():
@@ -257,8 +279,11 @@ def test_guidance_changes_output_and_is_reproducible(flux, sd3, family):
     assert torch.equal(a, b)
     assert (a - plain).abs().max() > 1e-3
     assert not torch.equal(run(0.3, seed=1), a)
-    # Two guided steps with two averaged draws run too, and differ again.
+    # Two guided steps with two averaged draws, and the other renoise levels and noise directions, run too.
     assert not torch.equal(run(0.3, guided_steps=2, samples=2), a)
+    for kw in (dict(renoise="same"), dict(renoise="random"), dict(noise="deterministic"), dict(noise="hybrid")):
+        out = run(0.3, **kw)
+        assert torch.isfinite(out).all() and not torch.equal(out, plain), kw
 
 
 def test_flux_guidance_embedding_reaches_teacher_only(flux):
@@ -354,6 +379,8 @@ def test_bad_arguments_raise_before_any_model_call(flux):
             guided(PROMPT, generator=[gen()], output_type="latent", **SIZE)
         with pytest.raises(ValueError, match="prompt_3"):
             guided(PROMPT, prompt_3="x", output_type="latent", **SIZE)
+        with pytest.raises(ValueError, match="output_type"):
+            guided(PROMPT, output_type="jpeg", **SIZE)
         assert s_calls == [] and t_calls == []
     finally:
         del pipe.transformer.forward, teacher.forward

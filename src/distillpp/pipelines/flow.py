@@ -277,6 +277,19 @@ class FluxConditioning:
                         **cond)
 
 
+def _net_model(net: Callable[..., torch.Tensor]) -> torch.nn.Module:
+    """The transformer under a (possibly placed or offloaded) :func:`transformer_fn` net."""
+    seen = net
+    for _ in range(4):
+        model = getattr(seen, "model", None)
+        if isinstance(model, torch.nn.Module):
+            return model
+        seen = getattr(seen, "net", None)
+        if seen is None:
+            break
+    raise ValueError("teacher_net must be transformer_fn(teacher_transformer), optionally wrapped by place_teacher_net")
+
+
 def _flux_guidance(transformer: torch.nn.Module, value: float | None, who: str) -> float | None:
     """The guidance value a FLUX transformer takes: its own if it has the embedding, else none."""
     if not transformer.config.get("guidance_embeds", False):
@@ -313,6 +326,10 @@ def _check_common(generator: Any, num_images_per_prompt: int) -> None:
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module computes: its accelerate offload hook's device if it has one, else its weights'."""
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
@@ -334,6 +351,7 @@ def _decoder(pipe: Any, unpack: Callable[[torch.Tensor], torch.Tensor], output_t
     return decode
 
 
+@torch.no_grad()
 def prepare_flux(
     pipe: Any,
     teacher_net: Callable[..., torch.Tensor] | None,
@@ -373,14 +391,16 @@ def prepare_flux(
         teacher_cfg: the teacher's true-CFG scale (1 = off: one teacher forward).
         num_images_per_prompt, generator, latents, max_sequence_length: as in diffusers.
         output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (packed latents, like diffusers).
-        guidance: validated against the grid before any model runs.
+        guidance: validated against the grid before any model runs; with zero strength at every step
+            the run has no teacher (nothing of it is computed).
     """
     _check_common(generator, num_images_per_prompt)
     student_tf = pipe.transformer
     if flow_family(student_tf) != "flux":
         raise ValueError(f"pipe must be a FluxPipeline, got a {type(student_tf).__name__} transformer")
-    if teacher_net is not None:
-        check_flow_pair(student_tf, teacher_net.model)
+    teacher_tf = _net_model(teacher_net) if teacher_net is not None else None
+    if teacher_tf is not None:
+        check_flow_pair(student_tf, teacher_tf)
     batch = _batch_size(prompt) * num_images_per_prompt
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
@@ -388,8 +408,12 @@ def prepare_flux(
     _check_size(height, width, packed)
     sigmas = flux_sigmas(num_inference_steps, pipe.scheduler.config, (height // packed) * (width // packed))
     check_flow_guidance(guidance, sigmas)
+    if not _uses_teacher(teacher_net, guidance, sigmas):
+        teacher_net = teacher_tf = None
+    channels = student_tf.config.in_channels
+    _check_latents(latents, (batch, (height // packed) * (width // packed), channels))
     student_guidance = _flux_guidance(student_tf, guidance_scale, "student")
-    teacher_guidance = _flux_guidance(teacher_net.model, teacher_guidance, "teacher") if teacher_net else None
+    teacher_guidance = _flux_guidance(teacher_tf, teacher_guidance, "teacher") if teacher_tf is not None else None
 
     device = pipe._execution_device
     embeds, pooled, text_ids = pipe.encode_prompt(
@@ -398,7 +422,7 @@ def prepare_flux(
     )
     cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
     noise, img_ids = pipe.prepare_latents(
-        batch, student_tf.config.in_channels // 4, height, width, embeds.dtype, device, generator, latents,
+        batch, channels // 4, height, width, embeds.dtype, device, generator, latents,
     )
     x = initial_sample(noise, sigmas, "flow")
     student = FlowDenoiser(FluxConditioning(transformer_fn(student_tf), img_ids, text_ids, student_guidance),
@@ -407,7 +431,7 @@ def prepare_flux(
     teacher, teacher_args = None, None
     if teacher_net is not None:
         teacher = CFGDenoiser(FlowDenoiser(FluxConditioning(teacher_net, img_ids, text_ids, teacher_guidance),
-                                           timestep_scale=1.0, dtype=teacher_net.model.dtype), teacher_cfg)
+                                           timestep_scale=1.0, dtype=teacher_tf.dtype), teacher_cfg)
         teacher_args = {"cond": cond}
         if teacher_cfg != 1.0:
             n_embeds, n_pooled, _ = pipe.encode_prompt(
@@ -423,6 +447,18 @@ def prepare_flux(
                      teacher_args=teacher_args, decode=_decoder(pipe, unpack, output_type, embeds.dtype))
 
 
+def _uses_teacher(teacher_net: Any, guidance: TeacherGuidance | None, sigmas: torch.Tensor) -> bool:
+    """A teacher is built unless there is none or the guidance gives it zero weight at every step."""
+    if teacher_net is None:
+        return False
+    return guidance is None or any(lam != 0 for lam in guidance.strengths(sigmas))
+
+
+def _check_latents(latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+
+
 def _negatives(negative: str | list[str] | None, prompt: str | list[str]) -> str | list[str]:
     """The negative prompt(s) for a batch of prompts (``""`` by default, as diffusers' SD3)."""
     negative = "" if negative is None else negative
@@ -433,6 +469,7 @@ def _negatives(negative: str | list[str] | None, prompt: str | list[str]) -> str
     return negative
 
 
+@torch.no_grad()
 def prepare_sd3(
     pipe: Any,
     teacher_net: Callable[..., torch.Tensor] | None,
@@ -472,14 +509,16 @@ def prepare_sd3(
         teacher_cfg: the teacher's CFG scale (1 = off).
         num_images_per_prompt, generator, latents, max_sequence_length, clip_skip: as in diffusers.
         output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
-        guidance: validated against the grid before any model runs.
+        guidance: validated against the grid before any model runs; with zero strength at every step
+            the run has no teacher.
     """
     _check_common(generator, num_images_per_prompt)
     student_tf = pipe.transformer
     if flow_family(student_tf) != "sd3":
         raise ValueError(f"pipe must be a StableDiffusion3Pipeline, got a {type(student_tf).__name__} transformer")
-    if teacher_net is not None:
-        check_flow_pair(student_tf, teacher_net.model)
+    teacher_tf = _net_model(teacher_net) if teacher_net is not None else None
+    if teacher_tf is not None:
+        check_flow_pair(student_tf, teacher_tf)
     batch = _batch_size(prompt) * num_images_per_prompt
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
@@ -488,6 +527,9 @@ def prepare_sd3(
     lat_h, lat_w = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
     sigmas = sd3_sigmas(num_inference_steps, pipe.scheduler.config, (lat_h // patch) * (lat_w // patch))
     check_flow_guidance(guidance, sigmas)
+    if not _uses_teacher(teacher_net, guidance, sigmas):
+        teacher_net = teacher_tf = None
+    _check_latents(latents, (batch, student_tf.config.in_channels, lat_h, lat_w))
 
     device = pipe._execution_device
     student_cfg = guidance_scale > 1
@@ -518,7 +560,7 @@ def prepare_sd3(
 
     teacher, teacher_args = None, None
     if teacher_net is not None:
-        teacher = CFGDenoiser(FlowDenoiser(teacher_net, 1000.0, teacher_net.model.dtype), teacher_cfg)
+        teacher = CFGDenoiser(FlowDenoiser(teacher_net, 1000.0, teacher_tf.dtype), teacher_cfg)
         teacher_args = {"cond": cond, "uncond": t_uncond} if teacher_cfg_on else {"cond": cond}
 
     return GuidedRun(student=student, x=x, sigmas=sigmas, sampler="euler", teacher=teacher, extra_args=extra_args,
@@ -539,7 +581,9 @@ class FlowDistillppPipeline:
             ``None`` for the student alone.
         guidance: default teacher-guidance knobs (``teacher_cfg`` is the teacher's CFG scale: FLUX true
             CFG, 1 = off; SD3 ordinary CFG). Default: the family's preset values.
-        num_inference_steps, guidance_scale, height, width, max_sequence_length: student defaults.
+        num_inference_steps, guidance_scale, height, width, max_sequence_length: student defaults
+            (``max_sequence_length=256`` is FLUX.1-schnell's and SD3's T5 length; diffusers' ``FluxPipeline``
+            defaults to 512, so pass 512 to compare with its default output).
         teacher_guidance: FLUX.1-dev's distilled guidance value, given to the teacher only.
         teacher_device: keep the teacher on this device (default: the student's execution device).
         teacher_offload: ``"cpu"``: keep the teacher in CPU memory, copied over for each of its calls.
@@ -576,14 +620,22 @@ class FlowDistillppPipeline:
         self.teacher_device = teacher_device
         self.teacher_offload = teacher_offload
         self._teacher_net = self._place_teacher()
+        self._progress_disable = True
+
+    @property
+    def device(self) -> torch.device:
+        """The execution device (the student's)."""
+        return self.pipe._execution_device
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """``disable=False`` shows a sampling progress bar (diffusers' method name)."""
+        self._progress_disable = kwargs.get("disable", True)
 
     def _place_teacher(self) -> Callable[..., torch.Tensor] | None:
         if self.teacher is None:
             return None
-        placed = place_teacher_net(transformer_fn(self.teacher), self.teacher, self.pipe._execution_device,
-                                   self.teacher_device, self.teacher_offload)
-        placed.model = self.teacher  # type: ignore[attr-defined]
-        return placed
+        return place_teacher_net(transformer_fn(self.teacher), self.teacher, self.device,
+                                 self.teacher_device, self.teacher_offload)
 
     @classmethod
     def from_pretrained(
@@ -685,7 +737,9 @@ class FlowDistillppPipeline:
             num_inference_steps, guidance_scale, height, width, max_sequence_length: override defaults.
             generator: one ``torch.Generator`` for the initial latents and every guidance draw.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
-            num_images_per_prompt, latents: as in diffusers.
+            num_images_per_prompt: images per prompt.
+            latents: initial unit noise in the student pipeline's layout (FLUX: packed
+                ``[B, tokens, 4 C]``; SD3: ``[B, C, H / f, W / f]``) instead of drawing it.
             strength, guided_steps, teacher_cfg, renoise, noise, space, samples: teacher-guidance knobs
                 (``None``: the pipeline's defaults; see :class:`distillpp.TeacherGuidance`).
             teacher_negative_prompt: the teacher's CFG negative prompt (default ``negative_prompt`` or ``""``).
@@ -697,6 +751,8 @@ class FlowDistillppPipeline:
         Raises:
             ValueError: on invalid arguments, before any model call.
         """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         allowed = {"prompt_2", "prompt_3", "clip_skip"} if self.family == "sd3" else {"prompt_2"}
         unknown = set(prompts) - allowed
         if unknown:
@@ -717,7 +773,8 @@ class FlowDistillppPipeline:
                 kwargs[key] = value
         run = self.prepare(prompt, guidance=g if self._teacher_net is not None else None, **kwargs)
         guided = g if run.teacher is not None else None
-        latents_out, images = run_guided(run, guided, generator=generator, callback=callback)
+        latents_out, images = run_guided(run, guided, generator=generator, callback=callback,
+                                         disable=self._progress_disable)
         if images is None:
             images = latents_out
         if not return_dict:
