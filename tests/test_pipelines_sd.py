@@ -490,3 +490,76 @@ def test_preset_wiring(tokenizer_dir, name):
     assert not any(c["timestep_cond"] for c in teacher_calls)
     if teacher == "adapter-off":
         assert all(c["lora_on"] for c in student_calls) and not any(c["lora_on"] for c in teacher_calls)
+
+
+# ------------------------------------------------------------------------------------------
+# from_preset: local folders, offline, and a clear error when weights are missing.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty Hugging Face cache with downloads forbidden."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["sdxl-lightning-4step-lora", "sdxl-dmd2-4step", "sd-turbo", "sdxl-lcm"])
+def test_from_preset_missing_weights_lists_ids(offline, name):
+    preset = get_preset(name)
+    with pytest.raises(MissingWeightsError) as err:
+        from_preset(name)
+    msg = str(err.value)
+    assert preset.base in msg and "huggingface-cli download" in msg
+    if preset.student is not None:
+        assert preset.student.repo in msg and (preset.student.filename or "") in msg
+    if preset.teacher not in ("base", "adapter-off"):
+        assert preset.teacher in msg
+
+
+@pytest.fixture(scope="module")
+def saved_models(tokenizer_dir, tmp_path_factory):
+    """Tiny SD and SDXL pipelines, a LoRA file and a UNet state-dict file saved like the real repos."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("models")
+    sdxl = tiny_pipe(tokenizer_dir, True, EulerDiscreteScheduler(**SCHED, timestep_spacing="leading"))
+    sdxl.save_pretrained(root / "sdxl-base")
+    save_file(tiny_unet(True, seed=8).state_dict(), str(root / "student_unet.safetensors"))
+    lora_unet = tiny_unet(True)
+    add_tiny_lora(lora_unet)
+    StableDiffusionXLPipeline.save_lora_weights(root / "lora", unet_lora_layers=get_peft_model_state_dict(lora_unet, adapter_name="student"),
+                                                weight_name="student_lora.safetensors")
+    sd = tiny_pipe(tokenizer_dir, False, EulerDiscreteScheduler(**SCHED, timestep_spacing="leading"))
+    sd.save_pretrained(root / "sd-student")
+    tiny_pipe(tokenizer_dir, False, unet=tiny_unet(False, seed=9)).save_pretrained(root / "sd-teacher")
+    return root
+
+
+def test_from_preset_local_folders(offline, saved_models):
+    r = saved_models
+    lora = from_preset("sdxl-lightning-4step-lora", base=str(r / "sdxl-base"),
+                       student=str(r / "lora" / "student_lora.safetensors"))
+    assert lora.adapter_off and lora.sampler == "euler" and lora.is_sdxl
+    assert lora_state(lora.student.unet).adapters == ["student"]
+    out = lora(PROMPT, generator=gen(), height=SIZE, width=SIZE, output_type="np").images
+    assert out.shape == (1, SIZE, SIZE, 3) and np.isfinite(out).all()
+
+    dmd2 = from_preset("sdxl-dmd2-4step", base=str(r / "sdxl-base"), student=str(r / "student_unet.safetensors"))
+    assert dmd2.sampler == "consistency" and dmd2.timesteps == [999, 749, 499, 249]
+    assert dmd2.teacher_unet is not dmd2.student.unet
+    expected = tiny_unet(True, seed=8).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in dmd2.student.unet.state_dict().items())
+    assert dmd2(PROMPT, generator=gen(), height=SIZE, width=SIZE, output_type="latent").images.shape == (1, 4, 16, 16)
+
+    turbo = from_preset("sd-turbo", base=str(r / "sd-student"), teacher=str(r / "sd-teacher"),
+                        teacher_offload="cpu")
+    assert turbo.sampler == "euler_ancestral" and not turbo.is_sdxl
+    assert turbo(PROMPT, generator=gen(), height=SIZE, width=SIZE, output_type="np").images.shape == (1, SIZE, SIZE, 3)

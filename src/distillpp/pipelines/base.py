@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -501,6 +502,11 @@ class WeightsRef:
     def is_local(self) -> bool:
         return os.path.exists(self.repo)
 
+    @property
+    def is_hub_id(self) -> bool:
+        """Looks like a Hugging Face id (``owner/name``) rather than a filesystem path."""
+        return bool(re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", self.repo)) and not self.is_local
+
     def download_command(self) -> str:
         if self.filename:
             return f"huggingface-cli download {self.repo} {self.filename}"
@@ -523,8 +529,8 @@ def resolve_weights(ref: WeightsRef, local_files_only: bool = True) -> str:
         if not os.path.exists(path):
             raise MissingWeightsError(f"{ref.describe()}: {path} does not exist")
         return path
-    if "/" not in ref.repo or ref.repo.startswith((".", "/", "~")):
-        raise MissingWeightsError(f"{ref.describe()}: {ref.repo} is neither a local path nor a Hugging Face id")
+    if not ref.is_hub_id:
+        raise MissingWeightsError(f"{ref.describe()}: {ref.repo} is neither an existing local path nor a Hugging Face id")
     local_files_only = local_files_only or offline_mode()
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
@@ -553,10 +559,12 @@ def check_weights(refs: Sequence[WeightsRef], local_files_only: bool = True, wha
             lines.append(f"  - {ref.describe()}")
         lines.append("get them with (or pass local folders instead of the ids):")
         for ref, _ in missing:
-            if not ref.is_local:
+            if ref.is_hub_id:
                 lines.append(f"  {ref.download_command()}")
         if local_files_only or offline_mode():
             lines.append("(no download was attempted: local files only; pass download=True / --download to fetch)")
-        lines.append("details: " + "; ".join(why for _, why in missing))
+        details = [why for _, why in missing if "LocalEntryNotFound" not in why]
+        if details:
+            lines.append("details: " + "; ".join(details))
         raise MissingWeightsError("\n".join(lines))
     return found

@@ -564,8 +564,9 @@ def load_sd_preset(
     import diffusers
 
     local_only = not download
+    weights = f"*/*.{preset.variant}.safetensors" if preset.variant else "*/*.safetensors"
     base_ref = WeightsRef(base or preset.base, role="student pipeline" if preset.student_kind == "pipeline"
-                          else "base pipeline (text encoders, VAE, teacher)")
+                          else "base pipeline (text encoders, VAE, teacher)", allow_patterns=("*.json", "*.txt", weights))
     refs = [base_ref]
     student_ref = _override(preset.student, student) if preset.student is not None else None
     if student_ref is not None:
@@ -573,7 +574,8 @@ def load_sd_preset(
     teacher_ref = None
     if preset.teacher not in ("adapter-off", "base") or teacher is not None:
         teacher_ref = WeightsRef(teacher or (preset.base if preset.teacher == "base" else preset.teacher),
-                                 role="teacher (its unet/ and scheduler/ folders)")
+                                 role="teacher (its unet/ and scheduler/ folders)",
+                                 allow_patterns=("unet/config.json", "unet/*.safetensors", "scheduler/*"))
         if preset.teacher == "adapter-off":
             raise ValueError(f"preset {preset.name} uses the student's own UNet as teacher; teacher= does not apply")
         refs.append(teacher_ref)
@@ -615,14 +617,14 @@ def load_sd_preset(
             tpath = paths[teacher_ref]
             teacher_model = _from_pretrained(diffusers.UNet2DConditionModel.from_pretrained, tpath, preset.variant,
                                              subfolder="unet", **common)
-            teacher_sched = diffusers.DDPMScheduler.from_pretrained(tpath, subfolder="scheduler",
-                                                                    local_files_only=local_only)
+            teacher_sched = diffusers.DDPMScheduler.load_config(tpath, subfolder="scheduler",
+                                                                local_files_only=local_only)
     except MissingWeightsError:
         raise
     except (OSError, EnvironmentError) as e:
         raise MissingWeightsError(
             f"could not load preset {preset.name!r} from {', '.join(paths.values())}: {e}\n"
-            "get the weights with:\n" + "\n".join("  " + r.download_command() for r in refs if not r.is_local)
+            "get the weights with:\n" + "\n".join("  " + r.download_command() for r in refs if r.is_hub_id)
         ) from e
     pipe.scheduler = student_scheduler(preset, base_scheduler)
     out = DistillppPipeline(pipe, teacher_model, teacher_sched, preset=preset, unfuse=unfuse,
