@@ -48,7 +48,8 @@ from distillpp.pipelines.flow import (  # noqa: E402
 PROMPT = "a painting of a squirrel eating a burger"
 SIZE = dict(height=16, width=16, max_sequence_length=16)
 
-# Scheduler configs of the real models (their scheduler/scheduler_config.json).
+# Scheduler configs of the real models as we know them (scheduler/scheduler_config.json on the Hub: schnell
+# static shift 1, dev dynamic shifting, SD3.5 static shift 3); not fetched here.
 SCHNELL = dict(shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                max_image_seq_len=4096)
 DEV = dict(SCHNELL, shift=3.0, use_dynamic_shifting=True)
@@ -421,4 +422,7 @@ def test_from_preset_loads_local_folders(tmp_path, flux, sd3, monkeypatch):
     with pytest.raises(ValueError, match="SD3Transformer2DModel transformer"):
         from_preset("flux-schnell", base=str(tmp_path / "student"), teacher=str(tmp_path / "sd3"))
     with pytest.raises(MissingWeightsError, match="FLUX.1-dev"):
-        from_preset("flux-schnell", base=str(tmp_path / "student"))
+        from_preset("flux-schnell", base=str(tmp_path / "student"))  # not in the cache: no download tried
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingWeightsError, match="could not load preset"):
+        from_preset("flux-schnell", base=str(tmp_path / "student"), teacher=str(tmp_path / "empty"))

@@ -40,6 +40,7 @@ from .base import (
     DistillppPipelineOutput,
     GuidanceDefaults,
     GuidedRun,
+    MissingWeightsError,
     WeightsRef,
     check_weights,
     make_guidance,
@@ -351,6 +352,28 @@ def _decoder(pipe: Any, unpack: Callable[[torch.Tensor], torch.Tensor], output_t
     return decode
 
 
+def _uses_teacher(teacher_net: Any, guidance: TeacherGuidance | None, sigmas: torch.Tensor) -> bool:
+    """A teacher is built unless there is none or the guidance gives it zero weight at every step."""
+    if teacher_net is None:
+        return False
+    return guidance is None or any(lam != 0 for lam in guidance.strengths(sigmas))
+
+
+def _check_latents(latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+
+
+def _negatives(negative: str | list[str] | None, prompt: str | list[str]) -> str | list[str]:
+    """The negative prompt(s) for a batch of prompts (``""`` by default, as diffusers' SD3)."""
+    negative = "" if negative is None else negative
+    if isinstance(negative, str) and isinstance(prompt, list):
+        return [negative] * len(prompt)
+    if isinstance(negative, list) and len(negative) != _batch_size(prompt):
+        raise ValueError(f"negative prompt has {len(negative)} entries but there are {_batch_size(prompt)} prompts")
+    return negative
+
+
 @torch.no_grad()
 def prepare_flux(
     pipe: Any,
@@ -445,28 +468,6 @@ def prepare_flux(
 
     return GuidedRun(student=student, x=x, sigmas=sigmas, sampler="euler", teacher=teacher, extra_args=cond,
                      teacher_args=teacher_args, decode=_decoder(pipe, unpack, output_type, embeds.dtype))
-
-
-def _uses_teacher(teacher_net: Any, guidance: TeacherGuidance | None, sigmas: torch.Tensor) -> bool:
-    """A teacher is built unless there is none or the guidance gives it zero weight at every step."""
-    if teacher_net is None:
-        return False
-    return guidance is None or any(lam != 0 for lam in guidance.strengths(sigmas))
-
-
-def _check_latents(latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-    if latents is not None and tuple(latents.shape) != shape:
-        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-
-
-def _negatives(negative: str | list[str] | None, prompt: str | list[str]) -> str | list[str]:
-    """The negative prompt(s) for a batch of prompts (``""`` by default, as diffusers' SD3)."""
-    negative = "" if negative is None else negative
-    if isinstance(negative, str) and isinstance(prompt, list):
-        return [negative] * len(prompt)
-    if isinstance(negative, list) and len(negative) != _batch_size(prompt):
-        raise ValueError(f"negative prompt has {len(negative)} entries but there are {_batch_size(prompt)} prompts")
-    return negative
 
 
 @torch.no_grad()
@@ -848,7 +849,8 @@ def load_flow_preset(
         **kwargs: pipeline defaults overriding the preset's (``num_inference_steps=``...).
 
     Raises:
-        MissingWeightsError: weights are missing (the message says how to get them).
+        MissingWeightsError: weights are missing or incomplete (the message says how to get them).
+        ValueError: the teacher is not of the student's family or disagrees on shared dimensions.
     """
     student_repo = student or base or preset.base
     teacher_repo = preset.teacher if teacher is None else teacher
@@ -868,10 +870,19 @@ def load_flow_preset(
         teacher_guidance=extra.get("teacher_guidance", FLUX_DEV_GUIDANCE),
     )
     defaults.update(kwargs)
-    return FlowDistillppPipeline.from_pretrained(
-        paths[refs[0]], paths[refs[1]] if teacher_repo is not None else None, torch_dtype=torch_dtype,
-        device=device, teacher_device=teacher_device, teacher_offload=teacher_offload, **defaults,
-    )
+    try:
+        return FlowDistillppPipeline.from_pretrained(
+            paths[refs[0]], paths[refs[1]] if teacher_repo is not None else None, torch_dtype=torch_dtype,
+            device=device, teacher_device=teacher_device, teacher_offload=teacher_offload,
+            local_files_only=not download, **defaults,
+        )
+    except MissingWeightsError:
+        raise
+    except OSError as e:  # an incomplete folder or snapshot (missing subfolder or weights file)
+        raise MissingWeightsError(
+            f"could not load preset {preset.name!r} from {', '.join(paths.values())}: {e}\n"
+            "get the weights with:\n" + "\n".join("  " + r.download_command() for r in refs if r.is_hub_id)
+        ) from e
 
 
 register_family("flux", load_flow_preset)
