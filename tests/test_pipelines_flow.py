@@ -166,8 +166,10 @@ def sd3():
 # Sigma grids
 
 
-@pytest.mark.parametrize("config", [SCHNELL, DEV, dict(DEV, time_shift_type="linear"), dict(SCHNELL, shift_terminal=0.1)],
-                         ids=["schnell", "dev", "dev-linear", "terminal"])
+@pytest.mark.parametrize(
+    "config", [SCHNELL, DEV, dict(DEV, time_shift_type="linear"), dict(SCHNELL, shift_terminal=0.1)],
+    ids=["schnell", "dev", "dev-linear", "terminal"],
+)
 @pytest.mark.parametrize("n", [1, 4, 28])
 @pytest.mark.parametrize("seq_len", [64, 4096])
 def test_flux_sigmas_equal_diffusers(config, n, seq_len):

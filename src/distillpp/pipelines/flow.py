@@ -757,7 +757,9 @@ class FlowDistillppPipeline:
         allowed = {"prompt_2", "prompt_3", "clip_skip"} if self.family == "sd3" else {"prompt_2"}
         unknown = set(prompts) - allowed
         if unknown:
-            raise ValueError(f"unexpected arguments {sorted(unknown)}; {self.family} pipelines accept {sorted(allowed)}")
+            raise ValueError(
+                f"unexpected arguments {sorted(unknown)}; {self.family} pipelines accept {sorted(allowed)}"
+            )
         g = make_guidance(self.defaults, strength, guided_steps, teacher_cfg, renoise, noise, space, samples)
         kwargs: dict[str, Any] = dict(prompts, generator=generator, output_type=output_type,
                                       num_images_per_prompt=num_images_per_prompt, latents=latents)
