@@ -5,7 +5,7 @@ sampler, grid and CFG, the fraction the classifier assigns to the conditioning c
 accuracy"), and the Frechet distance between classifier features of the samples and of as many
 test images ("FD"; a small-sample proxy for FID, only for comparing models of this run). Students
 are also sampled with one teacher-guided step. Optionally sweeps the teachers' CFG scale and saves
-one PNG with 10 samples per class of every model.
+one PNG with samples of every model (one row per class).
 """
 
 from __future__ import annotations
@@ -21,24 +21,13 @@ import torch
 
 from ..api import sample
 from ..guidance import TeacherGuidance
+from ..metrics.fid import fid_from_features
 from . import ZOO_NAMES, ZooModel, load, load_classifier, to_images
 from .data import load_split
 
-__all__ = ["main", "frechet_distance", "sample_zoo"]
+__all__ = ["main", "sample_zoo"]
 
 _TEACHER_OF = {"lcm": "teacher", "pd": "teacher", "flow-student": "flow-teacher"}
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to feature rows ``a`` and ``b`` (Heusel et al. 2017)."""
-    a, b = a.double(), b.double()
-    mu = a.mean(0) - b.mean(0)
-    ca, cb = torch.cov(a.T), torch.cov(b.T)
-    e, v = torch.linalg.eigh(ca)
-    root_a = (v * e.clamp(min=0).sqrt()) @ v.T
-    # tr sqrt(ca cb) = tr sqrt(ca^1/2 cb ca^1/2), a symmetric PSD matrix.
-    cross = torch.linalg.eigvalsh(root_a @ cb @ root_a).clamp(min=0).sqrt().sum()
-    return float(mu @ mu + ca.trace() + cb.trace() - 2 * cross)
 
 
 @torch.no_grad()
@@ -97,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=500, help="sampling batch size")
     parser.add_argument("--steps", type=int, default=None, help="override every model's default steps")
     parser.add_argument("--cfg-sweep", default="", help="comma-separated CFG scales to try on the teachers")
-    parser.add_argument("--png", default=None, help="save 10 samples per class of every model, side by side, here")
+    parser.add_argument("--png", default=None, help="save samples of every model, one row per class, side by side, here")
+    parser.add_argument("--png-per-class", type=int, default=10, help="samples per class in the PNG")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -128,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     n = min(args.samples, len(y_test))
     ref = clf.features(x_test[:n])
     x_train, _ = load_split("train", args.data_dir, device=device)
-    floor = frechet_distance(clf.features(x_train[:n]), ref)
+    floor = fid_from_features(clf.features(x_train[:n]), ref)
     print(f"FD floor ({n} train vs {n} test images): {floor:.3f}", flush=True)
     labels = torch.arange(n) % 10
 
@@ -139,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         dt = time.time() - t
         class_acc = float((clf(x).argmax(1).cpu() == labels).float().mean())
-        fd = frechet_distance(clf.features(x), ref)
+        fd = fid_from_features(clf.features(x), ref)
         print(f"{what:<44s} class accuracy {class_acc:.3f}  FD {fd:8.3f}  ({dt:.1f}s)", flush=True)
         return class_acc, fd
 
@@ -153,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             acc_, fd = measure(m, f"{name} ({m.sampler}, {steps} steps, cfg {m.default_cfg:g})")
             summary.append(f"{name} {acc_:.2f}/{fd:.1f}")
             if args.png:
-                panels.append(_grid(sample_zoo(m, torch.arange(100) // 10, args.seed, args.batch, args.steps)))
+                k = args.png_per_class
+                panels.append(_grid(sample_zoo(m, torch.arange(10 * k) // k, args.seed, args.batch, args.steps), k))
         except FileNotFoundError as err:
             print(f"{name}: missing ({err})", flush=True)
             failures.append(name)

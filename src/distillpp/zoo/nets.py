@@ -50,10 +50,8 @@ UNET_CONFIG: dict[str, Any] = dict(
 )
 
 # For CPU tests: the same architecture, a few thousand parameters.
-TINY_UNET_CONFIG: dict[str, Any] = dict(
-    UNET_CONFIG, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=4,
-)
+TINY_UNET_CONFIG: dict[str, Any] = dict(UNET_CONFIG, block_out_channels=(8, 16, 16), attention_head_dim=8,
+                                        norm_num_groups=4)
 
 
 def make_unet(tiny: bool = False) -> UNet2DModel:
