@@ -203,7 +203,10 @@ def load_classifier(device: torch.device | str = "cpu", models_dir: str | os.Pat
 
 
 def to_images(x: torch.Tensor, crop: bool = True) -> torch.Tensor:
-    """Samples in [-1, 1] to uint8 in 0..255 on the CPU, same layout; ``crop`` removes the 2-pixel padding (32 -> 28)."""
+    """Samples in [-1, 1] to uint8 in 0..255 on the CPU, same layout.
+
+    ``crop`` removes the 2-pixel padding of 32 x 32 samples (back to Fashion-MNIST's 28 x 28).
+    """
     if crop and x.shape[-1] == 32 and x.shape[-2] == 32:
         x = x[..., 2:30, 2:30]
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()

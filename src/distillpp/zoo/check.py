@@ -72,7 +72,8 @@ def _save_panels(panels: list[torch.Tensor], path: Path, gap: int = 6) -> None:
     height = max(p.shape[0] for p in panels)
     cols = []
     for p in panels:
-        cols += [torch.nn.functional.pad(p, (0, 0, 0, height - p.shape[0])), torch.full((height, gap), 255, dtype=torch.uint8)]
+        cols += [torch.nn.functional.pad(p, (0, 0, 0, height - p.shape[0])),
+                 torch.full((height, gap), 255, dtype=torch.uint8)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(torch.cat(cols[:-1], dim=1).numpy()).save(path)
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=500, help="sampling batch size")
     parser.add_argument("--steps", type=int, default=None, help="override every model's default steps")
     parser.add_argument("--cfg-sweep", default="", help="comma-separated CFG scales to try on the teachers")
-    parser.add_argument("--png", default=None, help="save samples of every model, one row per class, side by side, here")
+    parser.add_argument("--png", default=None,
+                        help="save samples of every model, one row per class, side by side, here")
     parser.add_argument("--png-per-class", type=int, default=10, help="samples per class in the PNG")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

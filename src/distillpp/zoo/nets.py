@@ -113,7 +113,9 @@ class ZooClassifier(ModelMixin, ConfigMixin):
             layers.append(nn.MaxPool2d(2))
         self.body = nn.Sequential(*layers)
         side = sample_size // 2 ** len(channels)
-        self.penultimate = nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, hidden_size), nn.ReLU(inplace=True))
+        self.penultimate = nn.Sequential(
+            nn.Flatten(), nn.Linear(c_in * side * side, hidden_size), nn.ReLU(inplace=True)
+        )
         self.drop = nn.Dropout(dropout_rate)
         self.head = nn.Linear(hidden_size, num_classes)
 

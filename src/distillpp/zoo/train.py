@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..api import sample
 from ..denoisers import CFGDenoiser, DiscreteVPDenoiser, FlowDenoiser, LCMDenoiser, append_dims, unet_fn
-from ..schedules import DiscreteVPSchedule, ddim_sigmas, initial_sample, lcm_sigmas
+from ..schedules import DiscreteVPSchedule, ddim_sigmas, initial_sample
 from . import TEACHER_CFG, flow_grid
 from .data import NULL_LABEL, load_split
 from .nets import (
@@ -269,6 +269,18 @@ def _load_teacher(run: Run, name: str) -> tuple[Any, Path]:
     return fp32_output(unet).eval().requires_grad_(False), folder
 
 
+def _vp_schedule(run: Run, teacher_dir: Path) -> tuple[dict, DiscreteVPSchedule, DiscreteVPSchedule, str]:
+    """The teacher's scheduler config, its noise table (CPU, for grids) and a copy on the device.
+
+    Denoisers get the device copy: with a CPU table every call would copy it to the GPU, and a
+    copy from pageable memory waits for the GPU queue, stalling the training loop.
+    """
+    config = json.loads((teacher_dir / "scheduler_config.json").read_text())
+    schedule = DiscreteVPSchedule.from_config(config)
+    on_device = DiscreteVPSchedule(schedule.alphas_cumprod.to(run.device))
+    return config, schedule, on_device, config.get("prediction_type", "epsilon")
+
+
 def _cfg_args(y: torch.Tensor) -> dict[str, Any]:
     return {"cond": {"class_labels": y}, "uncond": {"class_labels": torch.full_like(y, NULL_LABEL)}}
 
@@ -387,15 +399,13 @@ def train_lcm(args: argparse.Namespace) -> int:
     run = Run("lcm", args)
     x_all, y_all = run.data()
     teacher_unet, teacher_dir = _load_teacher(run, "teacher")
-    scheduler = json.loads((teacher_dir / "scheduler_config.json").read_text())
-    schedule = DiscreteVPSchedule.from_config(scheduler)
-    pred_type = scheduler.get("prediction_type", "epsilon")
-    teacher = CFGDenoiser(DiscreteVPDenoiser(unet_fn(teacher_unet), schedule, pred_type), args.cfg)
+    scheduler, schedule, on_device, pred_type = _vp_schedule(run, teacher_dir)
+    teacher = CFGDenoiser(DiscreteVPDenoiser(unet_fn(teacher_unet), on_device, pred_type), args.cfg)
     unet = copy.deepcopy(teacher_unet).requires_grad_(True)
     target = EMA(unet)
-    student = LCMDenoiser(unet_fn(unet), schedule, pred_type)
-    target_d = LCMDenoiser(unet_fn(target.model), schedule, pred_type)
-    sigmas = schedule.sigmas.float().to(run.device)
+    student = LCMDenoiser(unet_fn(unet), on_device, pred_type)
+    target_d = LCMDenoiser(unet_fn(target.model), on_device, pred_type)
+    sigmas = on_device.sigmas.float()
     T = schedule.num_train_timesteps
     k = T // 50
     grid = torch.arange(1, 51, device=run.device) * k - 1
@@ -446,10 +456,8 @@ def train_pd(args: argparse.Namespace) -> int:
                          f"and {args.steps}")
     x_all, y_all = run.data()
     teacher_unet, teacher_dir = _load_teacher(run, "teacher")
-    scheduler = json.loads((teacher_dir / "scheduler_config.json").read_text())
-    schedule = DiscreteVPSchedule.from_config(scheduler)
-    pred_type = scheduler.get("prediction_type", "epsilon")
-    cfg_teacher = CFGDenoiser(DiscreteVPDenoiser(unet_fn(teacher_unet), schedule, pred_type), args.cfg)
+    scheduler, schedule, on_device, pred_type = _vp_schedule(run, teacher_dir)
+    cfg_teacher = CFGDenoiser(DiscreteVPDenoiser(unet_fn(teacher_unet), on_device, pred_type), args.cfg)
 
     def teacher(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return cfg_teacher(x, sigma, **_cfg_args(y))
@@ -462,7 +470,7 @@ def train_pd(args: argparse.Namespace) -> int:
         sg = ddim_sigmas(schedule, n_student, timestep_spacing="trailing").to(run.device)
         assert torch.equal(tg[::2], sg), "trailing grids must nest"
         ema = EMA(unet)
-        student = DiscreteVPDenoiser(unet_fn(unet), schedule, pred_type)
+        student = DiscreteVPDenoiser(unet_fn(unet), on_device, pred_type)
         run.log(f"round {r + 1}/{len(rounds)}: {n_teacher} -> {n_student} steps")
 
         def loss_fn(step: int) -> torch.Tensor:
@@ -492,7 +500,7 @@ def train_pd(args: argparse.Namespace) -> int:
         if run.stop:
             break
         # The next round's teacher: this round's EMA student, conditional only (CFG is baked in).
-        prev = DiscreteVPDenoiser(unet_fn(ema.model), schedule, pred_type)
+        prev = DiscreteVPDenoiser(unet_fn(ema.model), on_device, pred_type)
         teacher = lambda x, sigma, y, prev=prev: prev(x, sigma, class_labels=y)  # noqa: E731
         unet = copy.deepcopy(ema.model).train().requires_grad_(True)
     return 0
@@ -534,7 +542,8 @@ def train_flow_student(args: argparse.Namespace) -> int:
         idx = run.randint(len(y_all), run.batch_size)
         z, x1, y = z_all[idx], x_all[idx], y_all[idx]
         n = len(y)
-        s = torch.where(torch.arange(n, device=run.device) < n // 2, grid_times[run.randint(args.steps, n)], run.rand(n))
+        on_grid = torch.arange(n, device=run.device) < n // 2
+        s = torch.where(on_grid, grid_times[run.randint(args.steps, n)], run.rand(n))
         x_s = (1 - _view(s)) * x1 + _view(s) * z
         pred = unet(x_s, s * 1000, class_labels=y).sample
         return F.mse_loss(pred.float(), z - x1)
@@ -567,7 +576,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(what, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--data-dir", default=None,
-                       help="Fashion-MNIST folder (default: $DISTILLPP_FASHION_MNIST, else /usr/share/datasets/fashion-mnist)")
+                       help="Fashion-MNIST folder (default: $DISTILLPP_FASHION_MNIST, else "
+                       "/usr/share/datasets/fashion-mnist)")
         p.add_argument("--out", default=str(Path(__file__).resolve().parent / "models"),
                        help="models folder; weights go to OUT/<what>/")
         p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
