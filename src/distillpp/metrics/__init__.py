@@ -11,7 +11,16 @@ from .evaluate import (
     summarize,
 )
 from .fid import feature_statistics, fid_from_features, frechet_distance
-from .generate import TEACHER_OF, Method, ModelCache, generate, get_zoo, initial_noise, sample_forwards
+from .generate import (
+    TEACHER_OF,
+    Method,
+    ModelCache,
+    generate,
+    get_zoo,
+    initial_noise,
+    load_test_set,
+    sample_forwards,
+)
 from .precision_recall import knn_radii, manifold_coverage, precision_recall
 
 __all__ = [
@@ -32,6 +41,7 @@ __all__ = [
     "Method",
     "ModelCache",
     "get_zoo",
+    "load_test_set",
     "initial_noise",
     "generate",
     "sample_forwards",

@@ -38,8 +38,8 @@ def _module_device(module: Any) -> torch.device:
 
 @torch.no_grad()
 def classifier_outputs(
-    classifier: Any, images: torch.Tensor, batch_size: int = 1000, device: Any = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    classifier: Any, images: torch.Tensor, batch_size: int = 1000, device: Any = None, with_logits: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Penultimate features and logits of ``images`` (CPU float32 tensors).
 
     Args:
@@ -48,16 +48,22 @@ def classifier_outputs(
         images: ``[N, C, H, W]``.
         batch_size: images per forward.
         device: where to run (default: the classifier's device).
+        with_logits: also return logits (else ``None``). A classifier with a ``head`` module gets its
+            logits as ``head(features)`` in the same pass.
     """
     device = torch.device(device) if device is not None else _module_device(classifier)
     p = _first_param(classifier)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    # A classifier whose logits are ``head(features)`` (the zoo's) needs one pass, not two.
+    head = getattr(classifier, "head", None)
     feats, logits = [], []
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(device=device, dtype=dtype).clamp(-1, 1)
-        feats.append(classifier.features(x).float().flatten(1).cpu())
-        logits.append(classifier(x).float().cpu())
-    return torch.cat(feats), torch.cat(logits)
+        f = classifier.features(x)
+        feats.append(f.float().flatten(1).cpu())
+        if with_logits:
+            logits.append((head(f) if isinstance(head, torch.nn.Module) else classifier(x)).float().cpu())
+    return torch.cat(feats), torch.cat(logits) if with_logits else None
 
 
 def class_consistency(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -94,7 +100,7 @@ class RealFeatures:
     @classmethod
     def from_images(cls, classifier: Any, images: torch.Tensor, batch_size: int = 1000, device: Any = None):
         """Features of real ``images`` (e.g. the 10k Fashion-MNIST test set)."""
-        return cls(classifier_outputs(classifier, images, batch_size, device)[0])
+        return cls(classifier_outputs(classifier, images, batch_size, device, with_logits=False)[0])
 
     def radii(self, k: int, device: Any = None, chunk_size: int = 2048) -> torch.Tensor:
         key = (k, str(device))
@@ -112,6 +118,7 @@ def evaluate_samples(
     batch_size: int = 1000,
     device: Any = None,
     chunk_size: int = 2048,
+    with_precision_recall: bool = True,
 ) -> dict[str, float]:
     """All metrics of one set of generated images.
 
@@ -124,6 +131,7 @@ def evaluate_samples(
         batch_size: classifier batch.
         device: where distances are computed (default: the classifier's device).
         chunk_size: distance-matrix rows per chunk.
+        with_precision_recall: also compute precision and recall (needs ``real``).
 
     Returns:
         ``class_consistency``, and with ``real``: ``fid``, ``precision``, ``recall``; plus ``num_samples``
@@ -142,7 +150,7 @@ def evaluate_samples(
     if real is not None:
         mu, sigma = feature_statistics(feats)
         out["fid"] = frechet_distance(mu, sigma, real.mu, real.sigma)
-        if images.shape[0] > k:
+        if with_precision_recall and images.shape[0] > k:
             device = torch.device(device) if device is not None else _module_device(classifier)
             real_f = real.features.to(device)
             fake_f = feats.to(device)

@@ -12,7 +12,16 @@ import torch
 from ..api import sample
 from ..guidance import TeacherGuidance
 
-__all__ = ["TEACHER_OF", "Method", "get_zoo", "ModelCache", "initial_noise", "generate", "sample_forwards"]
+__all__ = [
+    "TEACHER_OF",
+    "Method",
+    "get_zoo",
+    "load_test_set",
+    "ModelCache",
+    "initial_noise",
+    "generate",
+    "sample_forwards",
+]
 
 # Which teacher guides each student (the zoo's students were distilled from these).
 TEACHER_OF = {"lcm": "teacher", "pd": "teacher", "flow-student": "flow-teacher"}
@@ -23,6 +32,18 @@ def get_zoo() -> Any:
     from .. import zoo
 
     return zoo
+
+
+def load_test_set(zoo: Any = None, data_dir: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST test images (``[N, 1, 32, 32]`` in [-1, 1]) and labels, through the zoo's data module.
+
+    Raises:
+        FileNotFoundError: the data set is not installed (the message says how to install it).
+    """
+    data = (zoo if zoo is not None else get_zoo()).data
+    load = getattr(data, "load_fashion_mnist", None) or data.load_split
+    images, labels = load("test", data_dir=data_dir)
+    return torch.as_tensor(images).float().cpu(), torch.as_tensor(labels).long().cpu()
 
 
 @dataclass(frozen=True)
@@ -55,12 +76,22 @@ class Method:
              "guidance": dict(sorted(self.guidance.items())) if self.guidance else None}
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
-    def describe(self) -> str:
+    def describe(self, model: Any = None) -> str:
+        """A one-line name, e.g. ``lcm (consistency, 4 steps) + guided (x0 λ=0.3, 1 step)``.
+
+        Args:
+            model: the loaded zoo model, to name its sampler, default steps and CFG scale.
+        """
         if self.label:
             return self.label
-        text = self.model + (f" {self.steps} steps" if self.steps else "")
-        if self.cfg is not None:
-            text += f" cfg {self.cfg:g}"
+        if model is not None:
+            cfg = self.resolved_cfg(model)
+            text = f"{self.model} ({model.sampler}, {self.resolved_steps(model)} steps"
+            text += (f", CFG {cfg:g})" if cfg != 1.0 else ")")
+        else:
+            text = self.model + (f" {self.steps} steps" if self.steps else "")
+            if self.cfg is not None:
+                text += f" cfg {self.cfg:g}"
         if self.guidance:
             g = self.guidance
             lam = g.get("strength")
