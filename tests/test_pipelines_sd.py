@@ -152,22 +152,25 @@ PROMPT = "a painting of a squirrel eating a burger"
 # Strength 0 reproduces the student's own diffusers pipeline.
 # ------------------------------------------------------------------------------------------
 
+# (name, scheduler, UNet time_cond_proj_dim, student guidance_scale, steps)
 EQUIVALENCE_CASES = [
-    ("euler-trailing", lambda: EulerDiscreteScheduler(**SCHED, timestep_spacing="trailing"), None, 0.0),
-    ("euler-ancestral", lambda: EulerAncestralDiscreteScheduler(**SCHED, timestep_spacing="trailing"), None, 0.0),
-    ("lcm", lambda: LCMScheduler(**SCHED), 32, 8.0),
-    ("euler-leading-cfg", lambda: EulerDiscreteScheduler(**SCHED, timestep_spacing="leading"), None, 3.0),
+    ("euler-trailing", lambda: EulerDiscreteScheduler(**SCHED, timestep_spacing="trailing"), None, 0.0, 3),
+    ("euler-ancestral", lambda: EulerAncestralDiscreteScheduler(**SCHED, timestep_spacing="trailing"), None, 0.0, 3),
+    ("lcm", lambda: LCMScheduler(**SCHED), 32, 8.0, 3),
+    ("euler-leading-cfg", lambda: EulerDiscreteScheduler(**SCHED, timestep_spacing="leading"), None, 3.0, 2),
+    # diffusers' DDIM steps to t - 1000 // n, which is the next grid timestep only when n divides 1000
+    # (Hyper-SD's 4 and 8 steps do); with n = 3 it lands one timestep off the trailing grid.
     ("ddim-trailing", lambda: DDIMScheduler(**SCHED, timestep_spacing="trailing", set_alpha_to_one=True,
-                                            clip_sample=False), None, 0.0),
+                                            clip_sample=False), None, 0.0, 4),
 ]
 
 
 @pytest.mark.parametrize("sdxl", [False, True], ids=["sd15", "sdxl"])
 @pytest.mark.parametrize("case", EQUIVALENCE_CASES, ids=[c[0] for c in EQUIVALENCE_CASES])
 def test_strength_zero_matches_diffusers(tokenizer_dir, sdxl, case):
-    _, make_sched, tcond, w = case
+    _, make_sched, tcond, w, steps = case
     pipe = tiny_pipe(tokenizer_dir, sdxl, make_sched(), unet=tiny_unet(sdxl, time_cond_proj_dim=tcond))
-    kwargs = dict(num_inference_steps=3, height=SIZE, width=SIZE, output_type="np", guidance_scale=w,
+    kwargs = dict(num_inference_steps=steps, height=SIZE, width=SIZE, output_type="np", guidance_scale=w,
                   num_images_per_prompt=2)
     prompts = [PROMPT, "a cat"]
     ref = pipe(prompts, negative_prompt=["blurry", "ugly"], generator=gen(7), **kwargs).images
@@ -563,3 +566,43 @@ def test_from_preset_local_folders(offline, saved_models):
                         teacher_offload="cpu")
     assert turbo.sampler == "euler_ancestral" and not turbo.is_sdxl
     assert turbo(PROMPT, generator=gen(), height=SIZE, width=SIZE, output_type="np").images.shape == (1, SIZE, SIZE, 3)
+
+
+# ------------------------------------------------------------------------------------------
+# CLI.
+# ------------------------------------------------------------------------------------------
+
+
+def test_cli_without_weights_exits_nonzero_with_ids(offline, capsys, tmp_path):
+    from distillpp.pipelines.cli import main
+
+    code = main(["--preset", "sdxl-lightning-4step-lora", "--prompt", "a cat", "--out", str(tmp_path / "o"),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "ByteDance/SDXL-Lightning" in err and "stabilityai/stable-diffusion-xl-base-1.0" in err
+    assert "huggingface-cli download" in err
+    assert main(["--prompt", "x"]) != 0 and main(["--preset", "sd-turbo"]) != 0
+
+
+def test_cli_generates_side_by_side_from_local_folders(offline, saved_models, tmp_path, capsys):
+    from distillpp.pipelines.cli import main
+
+    out = tmp_path / "out"
+    r = saved_models
+    code = main([
+        "--preset", "sdxl-lightning-4step-lora", "--base", str(r / "sdxl-base"),
+        "--student", str(r / "lora" / "student_lora.safetensors"), "--prompt", "a cat", "--prompt", "a dog",
+        "--negative-prompt", "blurry", "--seeds", "0", "1", "--batch-size", "2", "--steps", "2", "--height", str(SIZE),
+        "--width", str(SIZE), "--strength", "0.3", "--side-by-side", "--out", str(out), "--device", "cpu",
+        "--dtype", "fp32",
+    ])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((out / "generate.json").read_text())
+    assert len(meta["images"]) == 2 * 2 * 2
+    from PIL import Image
+
+    for rec in meta["images"]:
+        assert Image.open(rec["image"]).size == (SIZE, SIZE)
+        assert Image.open(rec["side_by_side"]).size == (2 * SIZE, SIZE)
+    assert main(["--list-presets"]) == 0 and "sdxl-dmd2-4step" in capsys.readouterr().out
