@@ -156,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(name)
 
     if panels:
-        _save_panels(panels, Path(args.png))
-        print(f"samples ({', '.join(models)}; one row per class) saved to {args.png}", flush=True)
+        try:
+            _save_panels(panels, Path(args.png))
+            print(f"samples ({', '.join(models)}; one row per class) saved to {args.png}", flush=True)
+        except Exception:  # a missing Pillow must not hide the metrics below
+            traceback.print_exc()
+            failures.append("png")
 
     for w in [float(v) for v in args.cfg_sweep.split(",") if v.strip()]:
         for name in ("teacher", "flow-teacher"):

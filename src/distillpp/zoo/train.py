@@ -397,8 +397,8 @@ def train_lcm(args: argparse.Namespace) -> int:
     condition, exactly :class:`LCMDenoiser`) is pulled towards the EMA target ``f_ema(x_s, s)``.
     """
     run = Run("lcm", args)
-    x_all, y_all = run.data()
     teacher_unet, teacher_dir = _load_teacher(run, "teacher")
+    x_all, y_all = run.data()
     scheduler, schedule, on_device, pred_type = _vp_schedule(run, teacher_dir)
     teacher = CFGDenoiser(DiscreteVPDenoiser(unet_fn(teacher_unet), on_device, pred_type), args.cfg)
     unet = copy.deepcopy(teacher_unet).requires_grad_(True)
@@ -454,8 +454,8 @@ def train_pd(args: argparse.Namespace) -> int:
     if n != args.steps or not rounds:
         raise ValueError(f"--teacher-steps must be --steps times a power of 2 (>= 2x), got {args.teacher_steps} "
                          f"and {args.steps}")
-    x_all, y_all = run.data()
     teacher_unet, teacher_dir = _load_teacher(run, "teacher")
+    x_all, y_all = run.data()
     scheduler, schedule, on_device, pred_type = _vp_schedule(run, teacher_dir)
     cfg_teacher = CFGDenoiser(DiscreteVPDenoiser(unet_fn(teacher_unet), on_device, pred_type), args.cfg)
 
@@ -573,44 +573,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``<what>`` subcommands and their options to ``parser`` (used by ``distillpp train``)."""
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
     for what, (batch, lr, help_text) in COMMANDS.items():
-        p = sub.add_parser(what, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(what, help=help_text, description=help_text)
         p.add_argument("--data-dir", default=None,
                        help="Fashion-MNIST folder (default: $DISTILLPP_FASHION_MNIST, else "
                        "/usr/share/datasets/fashion-mnist)")
         p.add_argument("--out", default=str(Path(__file__).resolve().parent / "models"),
-                       help="models folder; weights go to OUT/<what>/")
+                       help="models folder; weights go to OUT/<what>/ (default: the package's %(default)s)")
         p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-        p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget, counted from process start")
+        p.add_argument("--minutes", type=float, default=30.0,
+                       help="wall-clock budget, counted from process start (default: %(default)s)")
         p.add_argument("--max-steps", type=int, default=None, help="step budget (default: unlimited; 2 with --tiny)")
         p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {batch}; 8 with --tiny)")
         p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {lr:g})")
-        p.add_argument("--seed", type=int, default=0, help="random seed")
+        p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
         p.add_argument("--tiny", action="store_true", help="tiny networks and 2 steps, for CPU tests")
-        p.add_argument("--save-every", type=float, default=1.0, help="minutes between checkpoints")
-        p.add_argument("--log-every", type=int, default=None, help="steps between progress lines (default: 200)")
+        p.add_argument("--save-every", type=float, default=1.0,
+                       help="minutes between checkpoints (default: %(default)s)")
+        p.add_argument("--log-every", type=int, default=None,
+                       help="steps between progress lines (default: 200; 1 with --tiny)")
         if what in ("teacher", "flow-teacher"):
-            p.add_argument("--p-uncond", type=float, default=0.12, help="label dropout rate (null label 10)")
+            p.add_argument("--p-uncond", type=float, default=0.12,
+                           help="label dropout rate, to the null label 10 (default: %(default)s)")
         if what != "classifier":
-            default_ema = 0.95 if what == "lcm" else 0.999
-            p.add_argument("--ema", type=float, default=default_ema,
-                           help="EMA decay (lcm: of the consistency target)" if what == "lcm" else "EMA decay")
+            p.add_argument("--ema", type=float, default=0.95 if what == "lcm" else 0.999,
+                           help=("EMA decay of the consistency target" if what == "lcm" else "EMA decay")
+                           + " (default: %(default)s)")
         if what in ("lcm", "pd", "flow-student"):
             teacher = "flow-teacher" if what == "flow-student" else "teacher"
             p.add_argument("--teacher", default=None, help=f"teacher folder (default: OUT/{teacher})")
-            p.add_argument("--cfg", type=float, default=TEACHER_CFG, help="teacher CFG scale baked into the student")
+            p.add_argument("--cfg", type=float, default=TEACHER_CFG,
+                           help="teacher CFG scale baked into the student (default: %(default)s)")
         if what == "lcm":
-            p.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber c (default: 0.00054 sqrt(dim))")
+            p.add_argument("--huber-c", type=float, default=None,
+                           help="pseudo-Huber c (default: 0.00054 sqrt(pixels), 0.017 here)")
         if what == "pd":
-            p.add_argument("--teacher-steps", type=int, default=16, help="teacher DDIM steps of round 1")
-            p.add_argument("--steps", type=int, default=4, help="student steps after the last round")
+            p.add_argument("--teacher-steps", type=int, default=16,
+                           help="teacher DDIM steps of round 1 (default: %(default)s)")
+            p.add_argument("--steps", type=int, default=4,
+                           help="student steps after the last round (default: %(default)s)")
         if what == "flow-student":
-            p.add_argument("--steps", type=int, default=4, help="student Euler steps")
-            p.add_argument("--pairs", type=int, default=None, help="max noise/sample pairs (default: 50000; 8 tiny)")
-            p.add_argument("--pair-steps", type=int, default=25, help="teacher Euler steps per pair")
-            p.add_argument("--pair-batch", type=int, default=None, help="pairs per teacher batch (default: 1024)")
+            p.add_argument("--steps", type=int, default=4, help="student Euler steps (default: %(default)s)")
+            p.add_argument("--pairs", type=int, default=None,
+                           help="max noise/sample pairs (default: 50000; 8 with --tiny)")
+            p.add_argument("--pair-steps", type=int, default=25,
+                           help="teacher Euler steps per pair (default: %(default)s)")
+            p.add_argument("--pair-batch", type=int, default=None,
+                           help="pairs per teacher batch (default: 1024; 4 with --tiny)")
             p.add_argument("--pair-fraction", type=float, default=0.35,
-                           help="at most this fraction of the budget goes to making pairs")
+                           help="at most this fraction of the budget goes to making pairs (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
