@@ -208,6 +208,8 @@ class Bench:
         self._shape: tuple[int, ...] = (1, 32, 32)
         self.new_runs = 0
         self.plan_only = bool(args.plan)
+        # Runs that only read quality results (report, timing) report whatever dtype the JSONL holds.
+        self.reads_only = args.stage in ("report", "timing") or bool(args.timing_only)
         self.planned: list[tuple[str, str, int]] = []  # (label, kind, sample forwards)
 
     # ---- plumbing -----------------------------------------------------------------------------
@@ -258,9 +260,24 @@ class Bench:
             steps = self.teacher_steps
         return Method(model, steps=steps, guidance=guidance)
 
-    def _quality_key(self, method: Method, split: str, seed: int, n: int) -> str:
+    @property
+    def report_dtype(self) -> str:
+        """The dtype whose runs are reported and used for selection: ``--dtype`` if given, this run's when it
+        makes quality runs, else the most common in the JSONL (a CPU ``report`` or ``--timing-only`` run
+        reads the GPU's float16 runs)."""
+        if self.args.dtype:
+            return self.args.dtype
+        if not self.reads_only:
+            return self.dtype_name
+        counts: dict[str, int] = {}
+        for r in self.records.values():
+            if r.get("kind") == "quality" and r.get("standin") == self.standin:
+                counts[r["dtype"]] = counts.get(r["dtype"], 0) + 1
+        return max(counts, key=counts.get) if counts else self.dtype_name
+
+    def _quality_key(self, method: Method, split: str, seed: int, n: int, dtype: str | None = None) -> str:
         tag = "|standin" if self.standin else ""
-        return f"q|{split}|{method.key()}|seed={seed}|n={n}|{self.dtype_name}{tag}"
+        return f"q|{split}|{method.key()}|seed={seed}|n={n}|{dtype or self.dtype_name}{tag}"
 
     def quality(self, method: Method, split: str, seed: int) -> dict | None:
         """One run: ``n`` balanced samples of ``method`` from ``seed``, scored against the test set."""
@@ -312,6 +329,8 @@ class Bench:
         if key in self.records:
             return self.records[key]
         repeats, warmup = self.repeats, 3 if self.device.type == "cuda" else 1
+        if method.model in TEACHERS:  # a reference only, and 25x the cost of a student
+            repeats, warmup = min(repeats, 5), 1
         sf = sample_forwards(method, self.models) * batch * (repeats + warmup)
         if self.plan_only:
             self.planned.append((f"timing bs {batch} {self.label(method)}", "timing", sf))
@@ -366,8 +385,9 @@ class Bench:
         seeds = self.seeds_b if split == "B" else self.seeds_a
         n = self.n_b if split == "B" else self.n_a
         vals = []
+        dtype = self.report_dtype
         for s in seeds:
-            rec = self.records.get(self._quality_key(method, split, s, n))
+            rec = self.records.get(self._quality_key(method, split, s, n, dtype))
             if rec and rec.get("metrics"):
                 vals.append(rec["metrics"][metric])
         m, _ = mean_std(vals)
@@ -490,7 +510,8 @@ class Bench:
     def _row(self, method: Method, split: str = "B", baseline: Method | None = None) -> dict:
         seeds = self.seeds_b if split == "B" else self.seeds_a
         n = self.n_b if split == "B" else self.n_a
-        recs = [self.records.get(self._quality_key(method, split, s, n)) for s in seeds]
+        dtype = self.report_dtype
+        recs = [self.records.get(self._quality_key(method, split, s, n, dtype)) for s in seeds]
         done = [r for r in recs if r and r.get("metrics")]
         row: dict[str, Any] = {"label": self.label(method), "method": json.loads(method.key()),
                                "seeds": [r["seed"] for r in done], "n": n,
@@ -504,7 +525,7 @@ class Bench:
             mean, std = mean_std(vals)
             row[m] = {"mean": mean, "std": std, "n": len(vals), "values": vals}
         if baseline is not None:
-            base = {r["seed"]: r for r in (self.records.get(self._quality_key(baseline, split, s, n)) for s in seeds)
+            base = {r["seed"]: r for r in (self.records.get(self._quality_key(baseline, split, s, n, dtype)) for s in seeds)
                     if r and r.get("metrics")}
             diffs = [r["metrics"]["fid"] - base[r["seed"]]["metrics"]["fid"] for r in done if r["seed"] in base]
             mean, std = mean_std(diffs)
@@ -538,7 +559,7 @@ class Bench:
             "report_command": _command_line(),
             "protocol": {
                 "seeds_B": self.seeds_b, "n_B": self.n_b, "seeds_A": self.seeds_a, "n_A": self.n_a,
-                "k": self.args.k, "dtype": self.dtype_name,
+                "k": self.args.k, "dtype": self.report_dtype,
                 "fid_reference": "zoo classifier penultimate features of the Fashion-MNIST test set (10k)",
                 "std": "sample standard deviation over seeds (ddof=1)",
                 "selection": "lowest mean FID on set A, per student and number of guided steps",

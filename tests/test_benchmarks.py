@@ -35,16 +35,18 @@ def _lines(path):
 
 def test_quick_run_writes_reports_stops_on_budget_and_resumes(fmnist_eval, tmp_path, capsys):
     out = tmp_path / "out"
+    # float16 as on the GPU, so the CPU-side `report` below must find runs of another dtype than its own.
     base = ["all", "--quick", "--standin", str(tmp_path / "si"), "--device", "cpu", "--out", str(out),
             "--students", "lcm,flow-student", "--ablate", "lcm", "--quiet"]
+    gpu_like = base + ["--dtype", "float16"]
 
     # A budget spent before the first run: stops at once, but still writes the (empty) report.
-    assert fmnist_eval.main(base + ["--budget-min", "0.0001"]) == 0
+    assert fmnist_eval.main(gpu_like + ["--budget-min", "0.0001"]) == 0
     assert "INCOMPLETE" in capsys.readouterr().out
     assert not (out / "fmnist_runs.jsonl").exists()
     assert (out / "fmnist_eval.md").is_file()
 
-    assert fmnist_eval.main(base) == 0
+    assert fmnist_eval.main(gpu_like) == 0
     printed = capsys.readouterr().out
     assert "INCOMPLETE" not in printed and "| method | NFE | FID" in printed
     runs = _lines(out / "fmnist_runs.jsonl")
@@ -72,12 +74,13 @@ def test_quick_run_writes_reports_stops_on_budget_and_resumes(fmnist_eval, tmp_p
                     "STAND-IN MODELS", "command: `python3 benchmarks/fmnist_eval.py"):
         assert heading in md
 
-    # Resuming runs nothing new; `report` rebuilds the same tables from the JSONL alone.
-    assert fmnist_eval.main(base) == 0
+    # Resuming runs nothing new; `report` (float32 by default on a CPU) rebuilds the same tables.
+    assert fmnist_eval.main(gpu_like) == 0
     assert "0 new runs" in capsys.readouterr().out
     assert len(_lines(out / "fmnist_runs.jsonl")) == len(runs)
     assert fmnist_eval.main(["report"] + base[1:]) == 0
-    assert json.loads((out / "fmnist_eval.json").read_text())["main"] == report["main"]
+    rebuilt = json.loads((out / "fmnist_eval.json").read_text())
+    assert rebuilt["main"] == report["main"] and rebuilt["protocol"]["dtype"] == "float16"
 
 
 def test_timing_only_needs_no_dataset(fmnist_eval, tmp_path, capsys):
