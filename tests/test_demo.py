@@ -36,7 +36,7 @@ def standins(tmp_path_factory):
 def _args(*argv):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    return parser.parse_args(list(argv))
+    return parser.parse_args(["--threads", "1", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,8 @@ def test_comparison_grid_shape():
     rows = [("teacher", "ddim, 50 steps", torch.zeros(3, 1, 32, 32)), ("lcm", "4 steps", torch.ones(3, 1, 32, 32))]
     img = demo.comparison_grid(rows, [("Bag", "seed 0")] * 3)
     assert img.size == (210 + 3 * 60 + 4, 30 + 2 * 60 + 4)
+
+
+def test_cpu_threads():
+    assert demo.cpu_threads(3) == 3
+    assert 1 <= demo.cpu_threads(0) <= torch.get_num_threads()
