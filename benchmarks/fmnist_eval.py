@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop starting runs that would end after this many minutes (results so far are kept)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --quick: ./distillpp-out/fmnist-quick)")
     p.add_argument("--models-dir", default=None, help="zoo models folder (default: the shipped weights)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $DISTILLPP_FASHION_MNIST or the Debian path)")
+    p.add_argument("--data-dir", default=None,
+                   help="Fashion-MNIST folder (default: $DISTILLPP_FASHION_MNIST, else .data/fashion-mnist if present, "
+                        "else the Debian path)")
     p.add_argument("--standin", default=None, metavar="DIR",
                    help="use random-init stand-in models and synthetic data written to DIR (plumbing and timing only)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a CPU check of the whole pipeline")
@@ -170,6 +172,8 @@ class Bench:
             torch.backends.cudnn.benchmark = True
         self.standin = args.standin is not None
         models_dir, self.data_dir = args.models_dir, args.data_dir
+        if self.data_dir is None and not os.environ.get("DISTILLPP_FASHION_MNIST") and Path(".data/fashion-mnist").is_dir():
+            self.data_dir = ".data/fashion-mnist"  # where benchmarks/zoo_gpu.sh expects a carried copy
         if self.standin:
             sys.path.insert(0, str(HERE))
             from standin_models import write_standin_data, write_standin_models
