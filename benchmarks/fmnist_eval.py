@@ -190,8 +190,11 @@ class Bench:
         self.records: dict[str, dict] = {}
         if self.jsonl.is_file():
             for line in self.jsonl.read_text().splitlines():
-                if line.strip():
+                try:
                     rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a killed run: that run is redone
+                    continue
+                if isinstance(rec, dict) and "key" in rec:
                     self.records[rec["key"]] = rec
         self.seeds_b, self.seeds_a = _ints(args.seeds), _ints(args.select_seeds)
         self.n_b, self.n_a = args.n, args.select_n
@@ -223,8 +226,17 @@ class Bench:
             print(f"[{time.time() - self.t0:6.1f}s] {msg}", flush=True)
 
     def _append(self, rec: dict) -> None:
+        last = b""
+        if self.jsonl.is_file() and self.jsonl.stat().st_size:
+            with self.jsonl.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                last = f.read(1)
         with self.jsonl.open("a") as f:
+            if last not in (b"", b"\n"):  # after a line cut short by a killed run, start a fresh one
+                f.write("\n")
             f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         self.records[rec["key"]] = rec
         self.new_runs += 1
 

@@ -33,6 +33,16 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _lines_ok(path):
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
 def test_quick_run_writes_reports_stops_on_budget_and_resumes(fmnist_eval, tmp_path, capsys):
     out = tmp_path / "out"
     # float16 as on the GPU, so the CPU-side `report` below must find runs of another dtype than its own.
@@ -78,6 +88,12 @@ def test_quick_run_writes_reports_stops_on_budget_and_resumes(fmnist_eval, tmp_p
     assert fmnist_eval.main(gpu_like) == 0
     assert "0 new runs" in capsys.readouterr().out
     assert len(_lines(out / "fmnist_runs.jsonl")) == len(runs)
+    # A line cut short by a killed run is ignored and that run redone, on a line of its own.
+    text = (out / "fmnist_runs.jsonl").read_text()
+    (out / "fmnist_runs.jsonl").write_text(text[: text.rstrip("\n").rfind("\n") + 40])
+    assert fmnist_eval.main(gpu_like) == 0
+    assert "1 new runs" in capsys.readouterr().out
+    assert len(_lines_ok(out / "fmnist_runs.jsonl")) == len(runs)
     assert fmnist_eval.main(["report"] + base[1:]) == 0
     rebuilt = json.loads((out / "fmnist_eval.json").read_text())
     assert rebuilt["main"] == report["main"] and rebuilt["protocol"]["dtype"] == "float16"
