@@ -224,14 +224,14 @@ def comparison_grid(
             draw.text((10, y + 18 + 12 * k), fit(text, label_w - 14), fill="dimgray", font=font)
         pixels = ((images[:, 0, crop:-crop, crop:-crop].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         for j in range(pixels.shape[0]):
-            tile = Image.fromarray(pixels[j].numpy(), mode="L").resize((cell, cell), Image.NEAREST)
+            tile = Image.fromarray(pixels[j].numpy()).resize((cell, cell), Image.NEAREST)
             img.paste(tile.convert("RGB"), (label_w + j * pitch, y))
     return img
 
 
 def _command_line() -> str:
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "distillpp"
-    if prog in ("__main__.py", "-c", "pytest"):
+    if prog in ("__main__.py", "cli.py", "-c", "pytest"):
         prog = "distillpp"
     return " ".join([prog] + [shlex.quote(a) for a in sys.argv[1:]])
 
