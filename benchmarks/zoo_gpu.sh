@@ -3,9 +3,10 @@
 #
 #   benchmarks/zoo_gpu.sh MODELS_DIR LOGS_DIR [BUNDLE_DIR]
 #
-# Stage 1, three processes at once: teacher, flow-teacher, classifier      (ZOO_STAGE1_MINUTES, default 4)
+# Stage 1, three processes at once: teacher, flow-teacher, classifier      (ZOO_STAGE1_MINUTES, default 3.75;
+#                                   the classifier also stops at ZOO_CLASSIFIER_STEPS, default 6000)
 # Stage 2, three processes at once: lcm, pd (from MODELS_DIR/teacher),
-#                                   flow-student (from MODELS_DIR/flow-teacher) (ZOO_STAGE2_MINUTES, default 3.25)
+#                                   flow-student (from MODELS_DIR/flow-teacher) (ZOO_STAGE2_MINUTES, default 3)
 # Then `python -m distillpp.zoo.check`: classifier test accuracy, and per model the class accuracy
 # and a classifier-feature Frechet distance of 1000 samples (ZOO_CHECK_ARGS appended).
 #
@@ -17,7 +18,7 @@
 # Needs python3 with torch and diffusers and this repo's src on PYTHONPATH (or distillpp installed),
 # and Fashion-MNIST in $DISTILLPP_FASHION_MNIST (default: .data/fashion-mnist when present).
 # ZOO_TRAIN_ARGS is appended to every training command; a CPU dry run of the whole script:
-#   ZOO_TRAIN_ARGS="--tiny --device cpu" ZOO_STAGE1_MINUTES=1 ZOO_STAGE2_MINUTES=1 \
+#   ZOO_TRAIN_ARGS="--tiny --device cpu" ZOO_CLASSIFIER_STEPS=2 ZOO_STAGE1_MINUTES=1 ZOO_STAGE2_MINUTES=1 \
 #   ZOO_CHECK_ARGS="--device cpu --samples 20 --steps 2" benchmarks/zoo_gpu.sh /tmp/zoo/models /tmp/zoo/logs
 #
 # With BUNDLE_DIR, also writes there (each file under 16 MiB): zoo-models-1.tar.gz (teacher,
@@ -33,8 +34,8 @@ models=$1
 logs=$2
 bundle=${3:-}
 py=${PYTHON:-python3}
-stage1=${ZOO_STAGE1_MINUTES:-4}
-stage2=${ZOO_STAGE2_MINUTES:-3.25}
+stage1=${ZOO_STAGE1_MINUTES:-3.75}
+stage2=${ZOO_STAGE2_MINUTES:-3}
 train_args=${ZOO_TRAIN_ARGS:-}
 check_args=${ZOO_CHECK_ARGS:-}
 if [ -z "${DISTILLPP_FASHION_MNIST:-}" ] && [ -d .data/fashion-mnist ]; then
@@ -91,7 +92,7 @@ say "data: ${DISTILLPP_FASHION_MNIST:-default}; models -> $models; logs -> $logs
 say "stage 1: teacher, flow-teacher, classifier (${stage1} min each, concurrently)"
 start teacher "$stage1"
 start flow-teacher "$stage1"
-start classifier "$stage1"
+start classifier "$stage1" --max-steps "${ZOO_CLASSIFIER_STEPS:-6000}"  # ~50 epochs, then the GPU is the teachers'
 gpu_snapshot 90
 finish teacher flow-teacher classifier
 

@@ -495,8 +495,8 @@ def train_pd(args: argparse.Namespace) -> int:
 
         steps, loss = fit(run, unet, loss_fn, clock, save, ema=ema, ema_decay=args.ema, warmup=50,
                           tag=f"round {r + 1} ")
-        total_steps += steps
         save(steps, loss, True)
+        total_steps += steps
         if run.stop:
             break
         # The next round's teacher: this round's EMA student, conditional only (CFG is baked in).
