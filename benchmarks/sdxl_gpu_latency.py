@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: CUDA is not available; use --tiny for a CPU smoke test", file=sys.stderr)
         return 2
     dtype = torch.float32 if device == "cpu" else torch.float16
+    if tiny and device == "cpu":
+        torch.set_num_threads(1)  # tiny models gain nothing from threads; spin-waits hurt on busy machines
     runs = args.runs or (1 if tiny else 5)
     warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
     side = args.size or (64 if tiny else 1024)

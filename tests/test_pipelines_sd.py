@@ -40,6 +40,16 @@ from distillpp.pipelines.sd import DistillppPipeline, SCHEDULER_SAMPLERS, studen
 
 
 SIZE = 32  # image side; the tiny VAE downsamples by 2 -> 16x16 latents
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spin-waits make them
+    10x slower; restore the setting for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
@@ -555,7 +565,8 @@ def test_from_preset_local_folders(offline, saved_models):
     out = lora(PROMPT, generator=gen(), height=SIZE, width=SIZE, output_type="np").images
     assert out.shape == (1, SIZE, SIZE, 3) and np.isfinite(out).all()
 
-    dmd2 = from_preset("sdxl-dmd2-4step", base=str(r / "sdxl-base"), student=str(r / "student_unet.safetensors"))
+    dmd2 = DistillppPipeline.from_preset("sdxl-dmd2-4step", base=str(r / "sdxl-base"),
+                                        student=str(r / "student_unet.safetensors"))
     assert dmd2.sampler == "consistency" and dmd2.timesteps == [999, 749, 499, 249]
     assert dmd2.teacher_unet is not dmd2.student.unet
     expected = tiny_unet(True, seed=8).state_dict()

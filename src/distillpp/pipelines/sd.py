@@ -10,6 +10,11 @@ pipeline's own methods, so ``strength=0`` reproduces the student's diffusers pip
 Scheduler -> sampler: ``EulerDiscreteScheduler`` -> ``euler``, ``EulerAncestralDiscreteScheduler`` ->
 ``euler_ancestral``, ``LCMScheduler`` -> ``consistency`` (with LCM's boundary condition and, for UNets
 with ``time_cond_proj_dim``, its guidance embedding), ``DDIMScheduler`` -> ``ddim``.
+
+Known differences from diffusers, all outside the presets: DDIM with ``n`` steps that do not divide
+1000 (diffusers steps to ``t - 1000 // n``, one timestep off its own grid); ``clip_sample`` /
+``thresholding`` (ignored, with a warning); fp16 students (our sampler state stays float32, diffusers'
+is fp16, so images differ by fp16 rounding).
 """
 
 from __future__ import annotations
@@ -212,6 +217,16 @@ class DistillppPipeline:
         self._teacher_net: Callable[..., torch.Tensor] | None = None
         self._place_teacher()
 
+    @classmethod
+    def from_preset(cls, name: str | Preset, **kwargs: Any) -> "DistillppPipeline":
+        """Load an SD1.5/SD2/SDXL preset; see :func:`distillpp.pipelines.from_preset` for the options."""
+        from .presets import get_preset
+
+        preset = get_preset(name) if isinstance(name, str) else name
+        if preset.family not in ("sd15", "sd2", "sdxl"):
+            raise ValueError(f"preset {preset.name!r} is a {preset.family} preset; use distillpp.pipelines.from_preset")
+        return load_sd_preset(preset, **kwargs)
+
     # ----------------------------------------------------------------------------------------
     # Devices.
 
@@ -290,7 +305,7 @@ class DistillppPipeline:
         return CFGDenoiser(inner, scale=self.guidance.teacher_cfg)
 
     def _encode(
-        self, prompt: list[str], negative: list[str] | None, num_images: int, do_cfg: bool
+        self, prompt: list[str], negative: list[str] | None, num_images: int, do_cfg: bool, size: tuple[int, int]
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """``(cond, uncond)`` UNet keyword arguments for a batch of prompts (uncond ``None`` without CFG)."""
         pipe, device = self.student, self.device
@@ -301,7 +316,7 @@ class DistillppPipeline:
             prompt=prompt, device=device, num_images_per_prompt=num_images,
             do_classifier_free_guidance=do_cfg, negative_prompt=negative,
         )
-        h, w = self._size
+        h, w = size
         proj = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim)
         time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=pos.dtype, text_encoder_projection_dim=proj)
         time_ids = time_ids.to(device).repeat(pos.shape[0], 1)
@@ -426,7 +441,6 @@ class DistillppPipeline:
         height, width = int(height or default_h), int(width or default_w)
         if height % factor or width % factor or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
-        self._size = (height, width)
         guidance_scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
 
         if timesteps is None and num_inference_steps is None:
@@ -437,7 +451,7 @@ class DistillppPipeline:
 
         # Conditioning: the student's (with CFG or LCM's embedding) and the teacher's (always CFG-ready).
         student_cfg = guidance_scale > 1 and self.lcm_embedding_dim is None
-        cond, uncond = self._encode(prompts, negs, num_images_per_prompt, student_cfg)
+        cond, uncond = self._encode(prompts, negs, num_images_per_prompt, student_cfg, (height, width))
         batch = cond["encoder_hidden_states"].shape[0]
         embeds_dtype = cond["encoder_hidden_states"].dtype
         extra_args: dict[str, Any] = {"cond": dict(cond), "uncond": uncond, "cfg_scale": guidance_scale}
@@ -450,7 +464,7 @@ class DistillppPipeline:
             t_uncond = None
             if t_cfg != 1:
                 t_uncond = uncond if (student_cfg and teacher_negs == negs) else \
-                    self._encode(prompts, teacher_negs, num_images_per_prompt, True)[1]
+                    self._encode(prompts, teacher_negs, num_images_per_prompt, True, (height, width))[1]
             teacher_args = {"cond": cond, "uncond": t_uncond}
 
         # Initial noise drawn exactly like the student's diffusers pipeline draws its latents.
