@@ -209,6 +209,21 @@ def time_modes(pipe: DistillppPipeline, side: int, runs: int, warmup: int, devic
     return out
 
 
+def time_diffusers(pipe: Any, side: int, runs: int, warmup: int, devices: list[str]) -> dict[str, Any]:
+    """The student's own diffusers pipeline, 4 steps, end to end: what our plain path should cost."""
+    times = []
+    for r in range(warmup + runs):
+        sync(devices)
+        t0 = time.perf_counter()
+        pipe(PROMPT, num_inference_steps=4, guidance_scale=0.0, height=side, width=side,
+             generator=torch.Generator("cpu").manual_seed(r))
+        sync(devices)
+        if r >= warmup:
+            times.append(time.perf_counter() - t0)
+    print(f"  plain_4     end-to-end {statistics.median(times) * 1000:8.1f} ms", flush=True)
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
+
+
 def guarded(fn: Any) -> dict[str, Any]:
     """Run one configuration; a failure (e.g. out of memory) is recorded and the others still run."""
     try:
@@ -267,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     if n_gpu > 1:
         placements.append(("other device (cuda:1)", {"teacher_device": "cuda:1"}, [device, "cuda:1"]))
     student_pipe = sdxl_pipe(components, student_unet)
+    print("diffusers StableDiffusionXLPipeline, 4 steps (reference for our plain path):", flush=True)
+    reference = guarded(lambda: time_diffusers(student_pipe, side, runs, warmup, [device]))
     for label, placement, devices in placements:
         print(f"full-UNet student, teacher on {label}:", flush=True)
         results[f"full-UNet student / teacher: {label}"] = guarded(
@@ -305,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "tiny": tiny,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "results": results,
+        "diffusers_reference_plain_4": reference,
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sdxl_gpu_latency.json"), "w") as f:
@@ -346,6 +364,10 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {ms(g['median_s'])} / {ms(gl['median_s'])} | {dms(g['median_s'] - p4['median_s'])} "
             f"| {dms(g['median_s'] - p5['median_s'])} | {mem} |"
         )
+    ref = r.get("diffusers_reference_plain_4", {})
+    if "median_s" in ref:
+        lines += ["", f"Reference: the full-UNet student's own diffusers `StableDiffusionXLPipeline`, 4 steps, end to end: "
+                      f"{ms(ref['median_s'])} ms."]
     lines += ["", "Peak memory of every mode (GiB, end-to-end runs):", ""]
     for name, res in r["results"].items():
         if "error" in res:
