@@ -10,7 +10,6 @@ before sampling.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -530,7 +530,9 @@ def resolve_weights(ref: WeightsRef, local_files_only: bool = True) -> str:
             raise MissingWeightsError(f"{ref.describe()}: {path} does not exist")
         return path
     if not ref.is_hub_id:
-        raise MissingWeightsError(f"{ref.describe()}: {ref.repo} is neither an existing local path nor a Hugging Face id")
+        raise MissingWeightsError(
+            f"{ref.describe()}: {ref.repo} is neither an existing local path nor a Hugging Face id"
+        )
     local_files_only = local_files_only or offline_mode()
     try:
         from huggingface_hub import hf_hub_download, snapshot_download

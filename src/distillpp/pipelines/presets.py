@@ -261,7 +261,7 @@ register_preset(Preset(
     teacher="stabilityai/stable-diffusion-2-1-base", scheduler="EulerAncestralDiscreteScheduler",
     scheduler_config=_TRAILING, num_inference_steps=4, guidance_scale=0.0, guidance=_EULER_X0, height=512,
     width=512, notes="SDXL-Turbo row of SPEC section 5 reused; SD-Turbo is distilled from SD 2.1; the 512px "
-    "epsilon-prediction base is the teacher (teacher='stabilityai/stable-diffusion-2-1' gives the 768px v-prediction one).",
+    "epsilon-prediction base is the teacher (teacher='stabilityai/stable-diffusion-2-1': the 768px v-prediction one).",
 ))
 for _n in (4, 8):
     register_preset(Preset(

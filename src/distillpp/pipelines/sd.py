@@ -93,7 +93,9 @@ def check_pair(student_unet: Any, teacher_unet: Any, student_prediction: str, te
     elif s.get("addition_embed_type") == "text_time":
         for key in ("projection_class_embeddings_input_dim", "addition_time_embed_dim"):
             if s.get(key) != t.get(key):
-                problems.append(f"SDXL added-conditioning sizes differ (student {key}={s.get(key)}, teacher {t.get(key)})")
+                problems.append(
+                    f"SDXL added-conditioning sizes differ (student {key}={s.get(key)}, teacher {t.get(key)})"
+                )
     if problems:
         raise ValueError(
             "teacher and student are not a matching pair (a teacher must share the student's latent space and text "
@@ -275,7 +277,8 @@ class DistillppPipeline:
         s0 = float(sigmas[0])
         name = type(self.student.scheduler).__name__
         spacing = _config(self.student.scheduler).get("timestep_spacing", "linspace")
-        if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler") and spacing in ("linspace", "trailing"):
+        euler = name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+        if euler and spacing in ("linspace", "trailing"):
             return s0
         return math.sqrt(1 + s0**2)
 
@@ -431,7 +434,8 @@ class DistillppPipeline:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(
-                f"generator must be one torch.Generator or None (it drives every random draw), got {type(generator).__name__}"
+                "generator must be one torch.Generator or None (it drives every random draw), "
+                f"got {type(generator).__name__}"
             )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
@@ -579,8 +583,8 @@ def load_sd_preset(
 
     local_only = not download
     weights = f"*/*.{preset.variant}.safetensors" if preset.variant else "*/*.safetensors"
-    base_ref = WeightsRef(base or preset.base, role="student pipeline" if preset.student_kind == "pipeline"
-                          else "base pipeline (text encoders, VAE, teacher)", allow_patterns=("*.json", "*.txt", weights))
+    role = "student pipeline" if preset.student_kind == "pipeline" else "base pipeline (text encoders, VAE, teacher)"
+    base_ref = WeightsRef(base or preset.base, role=role, allow_patterns=("*.json", "*.txt", weights))
     refs = [base_ref]
     student_ref = _override(preset.student, student) if preset.student is not None else None
     if student_ref is not None:
