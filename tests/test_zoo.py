@@ -128,7 +128,8 @@ def test_every_subcommand_writes_diffusers_fp16_folders(trained):
             dtypes = {f.get_tensor(k).dtype for k in f.keys()}
         assert torch.float16 in dtypes and torch.float32 not in dtypes
     assert json.loads((out / "pd" / "train_info.json").read_text())["student_steps"] == 4
-    assert json.loads((out / "lcm" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+    lcm_scheduler = json.loads((out / "lcm" / "scheduler_config.json").read_text())
+    assert lcm_scheduler["_class_name"] == "LCMScheduler" and lcm_scheduler["prediction_type"] == "v_prediction"
     assert "test_accuracy" in json.loads((out / "classifier" / "train_info.json").read_text())
 
 
@@ -156,6 +157,7 @@ def test_load_and_sample_guided_by_teacher(trained, name):
 def test_grids_and_args(trained):
     out, _ = trained
     pd, lcm = zoo.load("pd", models_dir=out), zoo.load("lcm", models_dir=out)
+    assert pd.denoiser.inner.prediction_type == "v_prediction" and isinstance(lcm.denoiser.inner, distillpp.LCMDenoiser)
     assert pd.schedule.sigma_to_t(pd.sigmas()[:-1]).tolist() == [999, 749, 499, 249]
     assert lcm.schedule.sigma_to_t(lcm.sigmas()[:-1]).tolist() == [999, 759, 499, 259]
     assert zoo.load("teacher", models_dir=out).sigmas(25).shape == (26,)

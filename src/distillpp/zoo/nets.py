@@ -68,9 +68,10 @@ class _FP32Conv2d(nn.Conv2d):
 def fp32_output(unet: UNet2DModel) -> UNet2DModel:
     """Run the UNet's last convolution in float32 under autocast.
 
-    An eps-prediction becomes ``x0 = x - sigma * eps`` with sigma up to about 157 on the linear
-    schedule, so bf16 rounding of the output (2^-8) alone would put errors of ~0.5 into x0 at high
-    noise; distillation losses live in x0 space. Swapping the class keeps the state dict and
+    Distillation losses live in x0 space. For eps-prediction ``x0 = x - sigma * eps`` multiplies
+    the output by up to sigma = 157 (the linear schedule's top), so bf16 rounding of the output
+    (2^-8) alone would put errors of ~0.5 into x0; v-prediction is well conditioned, and the
+    float32 head costs next to nothing either way. Swapping the class keeps the state dict and
     ``deepcopy`` (EMA copies) intact.
     """
     unet.conv_out.__class__ = _FP32Conv2d
@@ -163,7 +164,7 @@ def vp_scheduler_config(kind: str = "ddim", **extra: Any) -> dict[str, Any]:
         "beta_start": 0.0001,
         "beta_end": 0.02,
         "beta_schedule": "linear",
-        "prediction_type": "epsilon",
+        "prediction_type": "v_prediction",
         "clip_sample": False,
         "set_alpha_to_one": True,
         "steps_offset": 0,
