@@ -129,7 +129,7 @@ def test_every_subcommand_writes_diffusers_fp16_folders(trained):
         assert torch.float16 in dtypes and torch.float32 not in dtypes
     assert json.loads((out / "pd" / "train_info.json").read_text())["student_steps"] == 4
     lcm_scheduler = json.loads((out / "lcm" / "scheduler_config.json").read_text())
-    assert lcm_scheduler["_class_name"] == "LCMScheduler" and lcm_scheduler["prediction_type"] == "v_prediction"
+    assert lcm_scheduler["_class_name"] == "LCMScheduler" and lcm_scheduler["prediction_type"] == "epsilon"
     assert "test_accuracy" in json.loads((out / "classifier" / "train_info.json").read_text())
 
 
@@ -157,7 +157,7 @@ def test_load_and_sample_guided_by_teacher(trained, name):
 def test_grids_and_args(trained):
     out, _ = trained
     pd, lcm = zoo.load("pd", models_dir=out), zoo.load("lcm", models_dir=out)
-    assert pd.denoiser.inner.prediction_type == "v_prediction" and isinstance(lcm.denoiser.inner, distillpp.LCMDenoiser)
+    assert pd.denoiser.inner.prediction_type == "epsilon" and isinstance(lcm.denoiser.inner, distillpp.LCMDenoiser)
     assert pd.schedule.sigma_to_t(pd.sigmas()[:-1]).tolist() == [999, 749, 499, 249]
     assert lcm.schedule.sigma_to_t(lcm.sigmas()[:-1]).tolist() == [999, 759, 499, 259]
     assert zoo.load("teacher", models_dir=out).sigmas(25).shape == (26,)
@@ -238,3 +238,16 @@ def test_sanity_check_runs(trained, synthetic, capsys, tmp_path):
     assert "classifier test accuracy" in text and "SANITY OK" in text
     assert (tmp_path / "samples.png").is_file()
 
+
+
+def test_v_prediction_teacher_passes_to_students(tmp_path, synthetic):
+    common = ["--tiny", "--device", "cpu", "--max-steps", "1", "--batch-size", "4", "--data-dir", str(synthetic),
+              "--out", str(tmp_path)]
+    train.main(["teacher", "--prediction-type", "v_prediction", *common])
+    train.main(["lcm", *common])
+    lcm = zoo.load("lcm", models_dir=tmp_path)
+    assert lcm.denoiser.inner.prediction_type == "v_prediction"
+    sigmas = lcm.sigmas()
+    x = lcm.initial(torch.randn(2, 1, 32, 32), sigmas)
+    assert torch.isfinite(distillpp.sample(lcm.denoiser, x, sigmas, sampler=lcm.sampler, extra_args=lcm.args([1, 2]),
+                                           generator=torch.Generator().manual_seed(0))).all()

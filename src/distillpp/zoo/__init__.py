@@ -6,7 +6,7 @@ Five small class-conditional UNets (about 2.7M parameters each) trained by
 ============== ====== ============ ===== ===== ==============================================
 name           family sampler      steps CFG   what it is
 ============== ====== ============ ===== ===== ==============================================
-teacher        vp     ddim         50    2.0   v-prediction DDPM, linear betas, trailing grid
+teacher        vp     ddim         50    2.0   eps-prediction DDPM, linear betas, trailing grid
 lcm            vp     consistency  4     baked consistency distillation of the CFG teacher
 pd             vp     ddim         4     baked progressive distillation of the CFG teacher
 flow-teacher   flow   euler        50    2.0   rectified flow, velocity ``eps - x0``

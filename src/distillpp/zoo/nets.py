@@ -164,7 +164,7 @@ def vp_scheduler_config(kind: str = "ddim", **extra: Any) -> dict[str, Any]:
         "beta_start": 0.0001,
         "beta_end": 0.02,
         "beta_schedule": "linear",
-        "prediction_type": "v_prediction",
+        "prediction_type": "epsilon",
         "clip_sample": False,
         "set_alpha_to_one": True,
         "steps_offset": 0,
