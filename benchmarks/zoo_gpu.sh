@@ -17,7 +17,8 @@
 #
 # Needs python3 with torch and diffusers and this repo's src on PYTHONPATH (or distillpp installed),
 # and Fashion-MNIST in $DISTILLPP_FASHION_MNIST (default: .data/fashion-mnist when present).
-# ZOO_TRAIN_ARGS is appended to every training command; a CPU dry run of the whole script:
+# ZOO_TRAIN_ARGS is appended to every training command, ZOO_ARGS_<NAME> to one (e.g.
+# ZOO_ARGS_TEACHER="--prediction-type v_prediction", ZOO_ARGS_PD="--batch-size 256"); a CPU dry run:
 #   ZOO_TRAIN_ARGS="--tiny --device cpu" ZOO_CLASSIFIER_STEPS=2 ZOO_STAGE1_MINUTES=1 ZOO_STAGE2_MINUTES=1 \
 #   ZOO_CHECK_ARGS="--device cpu --samples 20 --steps 2" benchmarks/zoo_gpu.sh /tmp/zoo/models /tmp/zoo/logs
 #
@@ -54,13 +55,15 @@ failed=0
 start() {
   local what=$1 minutes=$2
   shift 2
-  local hard
+  local hard own_var own_args
   hard=$(awk -v m="$minutes" 'BEGIN { printf "%d", m * 60 + 90 }')
-  # shellcheck disable=SC2086  # train_args is a list of words
+  own_var="ZOO_ARGS_$(echo "$what" | tr 'a-z-' 'A-Z_')"  # e.g. ZOO_ARGS_FLOW_STUDENT
+  own_args=${!own_var:-}
+  # shellcheck disable=SC2086  # the *_args are lists of words
   timeout -k 20 "$hard" "$py" -m distillpp.zoo.train "$what" --out "$models" --minutes "$minutes" \
-    $train_args "$@" >"$logs/$what.log" 2>&1 &
+    $train_args "$@" $own_args >"$logs/$what.log" 2>&1 &
   pid[$what]=$!
-  say "started $what (pid ${pid[$what]}, ${minutes} min) -> $logs/$what.log"
+  say "started $what (pid ${pid[$what]}, ${minutes} min${own_args:+, $own_args}) -> $logs/$what.log"
 }
 
 # finish WHAT...: wait for each, report, count failures.
