@@ -41,14 +41,6 @@ from distillpp.pipelines.sd import DistillppPipeline, SCHEDULER_SAMPLERS, studen
 SIZE = 32  # image side; the tiny VAE downsamples by 2 -> 16x16 latents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spin-waits make them
-    10x slower; restore the setting for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 

@@ -32,14 +32,6 @@ def _write_dataset(folder: Path, n_train: int = 32, n_test: int = 16, seed: int 
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from threads; one avoids oversubscription on busy CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:

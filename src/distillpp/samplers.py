@@ -17,8 +17,6 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import trange
 
-from .denoisers import append_dims
-
 __all__ = [
     "SAMPLERS",
     "sample_euler",

@@ -4,7 +4,7 @@ optional teacher guidance; every method draws the same initial noise for the sam
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
