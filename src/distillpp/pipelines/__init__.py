@@ -5,7 +5,7 @@
 - :mod:`.presets`: named student/teacher pairs (:data:`PRESETS`, :func:`register_preset`,
   :func:`from_preset`);
 - :mod:`.sd`: SD1.5 / SD2 / SDXL UNets (:class:`DistillppPipeline`);
-- :mod:`.flow`: FLUX / SD3 transformers;
+- :mod:`.flow`: FLUX / SD3 transformers (:class:`FlowDistillppPipeline`);
 - :mod:`.cli`: ``distillpp generate``.
 """
 
@@ -25,6 +25,7 @@ from .presets import PRESETS, Preset, from_preset, get_preset, list_presets, reg
 
 __all__ = [
     "DistillppPipeline",
+    "FlowDistillppPipeline",
     "DistillppPipelineOutput",
     "GuidanceDefaults",
     "GuidedRun",
@@ -47,4 +48,8 @@ def __getattr__(name: str) -> Any:
         from .sd import DistillppPipeline
 
         return DistillppPipeline
+    if name == "FlowDistillppPipeline":
+        from .flow import FlowDistillppPipeline
+
+        return FlowDistillppPipeline
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
