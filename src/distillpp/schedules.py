@@ -29,6 +29,7 @@ __all__ = [
     "timestep_sigmas",
     "karras_sigmas",
     "flow_sigmas",
+    "shift_flow_times",
     "flow_time_shift_mu",
     "sigmas_from_scheduler",
     "initial_sample",
@@ -270,6 +271,39 @@ def flow_time_shift_mu(
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
+def shift_flow_times(
+    s: np.ndarray,
+    shift: float = 1.0,
+    mu: float | None = None,
+    time_shift_type: str = "exponential",
+    shift_terminal: float | None = None,
+) -> np.ndarray:
+    """``FlowMatchEulerDiscreteScheduler``'s shifting of flow times, in the dtype of ``s``.
+
+    Dynamic when ``mu`` is given (``exp(mu) / (exp(mu) + 1/s - 1)``, or ``mu / (mu + 1/s - 1)`` for
+    ``time_shift_type="linear"``), else static (``shift * s / (1 + (shift - 1) * s)``); then, with
+    ``shift_terminal``, stretched so the last flow time equals it (needs at least 2 times: diffusers
+    divides 0 by 0 for one step).
+    """
+    s = np.asarray(s)
+    if mu is not None:
+        if time_shift_type == "exponential":
+            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
+        elif time_shift_type == "linear":
+            s = mu / (mu + (1 / s - 1) ** 1.0)
+        else:
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+    else:
+        s = shift * s / (1 + (shift - 1) * s)
+    if shift_terminal:
+        if len(s) < 2:
+            raise ValueError("shift_terminal needs num_inference_steps >= 2 (one step has no terminal flow time "
+                             "to stretch; diffusers returns NaN)")
+        one_minus = 1 - s
+        s = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+    return s
+
+
 def flow_sigmas(
     num_inference_steps: int,
     num_train_timesteps: int = 1000,
@@ -305,18 +339,8 @@ def flow_sigmas(
         train = static_shift(train.astype(np.float32)).astype(np.float32)
     s_max, s_min = float(train[0]), float(train[-1])
     s = (np.linspace(s_max * T, s_min * T, num_inference_steps) / T).astype(np.float64)
-    if use_dynamic_shifting:
-        if time_shift_type == "exponential":
-            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
-        elif time_shift_type == "linear":
-            s = mu / (mu + (1 / s - 1) ** 1.0)
-        else:
-            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
-    else:
-        s = static_shift(s)
-    if shift_terminal:
-        one_minus = 1 - s
-        s = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+    s = shift_flow_times(s, shift=shift, mu=mu if use_dynamic_shifting else None,
+                         time_shift_type=time_shift_type, shift_terminal=shift_terminal)
     s = s.astype(np.float32).astype(np.float64)
     if return_flow_times:
         return _append_zero(s)

@@ -26,7 +26,6 @@ recovers the noise to one float32 ulp.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
@@ -35,7 +34,9 @@ import torch
 
 from ..denoisers import CFGDenoiser, FlowDenoiser
 from ..guidance import TeacherGuidance
-from ..schedules import FLOW_SIGMA_MAX, flow_sigmas, flow_time_shift_mu, flow_time_to_sigma, initial_sample
+from ..schedules import (
+    FLOW_SIGMA_MAX, flow_sigmas, flow_time_shift_mu, flow_time_to_sigma, initial_sample, shift_flow_times,
+)
 from .base import (
     DistillppPipelineOutput,
     GuidanceDefaults,
@@ -185,24 +186,9 @@ def flux_sigmas(num_inference_steps: int, scheduler_config: Mapping[str, Any], i
     n = num_inference_steps
     s = np.linspace(1.0, 1 / n, n).astype(np.float32)
     mu = _shift_mu(scheduler_config, image_seq_len, default_max_shift=1.15)
-    if mu is not None:
-        kind = scheduler_config.get("time_shift_type", "exponential")
-        if kind == "exponential":
-            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
-        elif kind == "linear":
-            s = mu / (mu + (1 / s - 1) ** 1.0)
-        else:
-            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {kind!r}")
-    else:
-        shift = scheduler_config.get("shift", 1.0)
-        s = shift * s / (1 + (shift - 1) * s)
-    terminal = scheduler_config.get("shift_terminal")
-    if terminal:
-        if n < 2:
-            raise ValueError("shift_terminal needs num_inference_steps >= 2 (one step has no terminal flow time "
-                             "to stretch; diffusers returns NaN)")
-        one_minus = 1 - s
-        s = 1 - one_minus / (one_minus[-1] / (1 - terminal))
+    s = shift_flow_times(s, shift=scheduler_config.get("shift", 1.0), mu=mu,
+                         time_shift_type=scheduler_config.get("time_shift_type", "exponential"),
+                         shift_terminal=scheduler_config.get("shift_terminal"))
     s = np.asarray(s, dtype=np.float32).astype(np.float64)
     return torch.cat([flow_time_to_sigma(s), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
 
