@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .metrics import (
     TEACHER_OF,
@@ -252,9 +253,9 @@ def _test_features(classifier: Any, args: argparse.Namespace, zoo: Any, cache_di
     """Classifier features of the test set, cached in ``cache_dir`` (they take seconds on a CPU)."""
     images, _ = load_test_set(zoo, args.data_dir)
     key = f"{_classifier_fingerprint(classifier)}-{images.shape[0]}-{float(images[:64].sum()):.4f}"
-    path = cache_dir / f"fmnist-test-features-{key}.pt"
+    path = cache_dir / f"fmnist-test-features-{key}.safetensors"
     if path.is_file():
-        return RealFeatures(torch.load(path))
+        return RealFeatures(load_file(path)["features"])
     from tqdm.auto import tqdm
 
     feats = []
@@ -266,7 +267,7 @@ def _test_features(classifier: Any, args: argparse.Namespace, zoo: Any, cache_di
             bar.update(f.shape[0])
     feats = torch.cat(feats)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(feats, path)
+    save_file({"features": feats.contiguous()}, path)
     return RealFeatures(feats)
 
 
