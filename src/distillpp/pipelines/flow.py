@@ -361,6 +361,20 @@ def _negatives(negative: str | list[str] | None, prompt: str | list[str]) -> str
 
 
 @torch.no_grad()
+def _prologue(pipe, teacher_net, family, pipeline_name, prompt, height, width, generator, num_images_per_prompt):
+    """Checks every flow family runs first; returns the student transformer, batch size and image size."""
+    _check_common(generator, num_images_per_prompt)
+    student_tf = pipe.transformer
+    if flow_family(student_tf) != family:
+        raise ValueError(f"pipe must be a {pipeline_name}, got a {type(student_tf).__name__} transformer")
+    if teacher_net is not None:
+        check_flow_pair(student_tf, _net_model(teacher_net))
+    batch = _batch_size(prompt) * num_images_per_prompt
+    height = height or pipe.default_sample_size * pipe.vae_scale_factor
+    width = width or pipe.default_sample_size * pipe.vae_scale_factor
+    return student_tf, batch, height, width
+
+
 def prepare_flux(
     pipe: Any,
     teacher_net: Callable[..., torch.Tensor] | None,
@@ -403,16 +417,9 @@ def prepare_flux(
         guidance: validated against the grid before any model runs; with zero strength at every step
             the run has no teacher (nothing of it is computed).
     """
-    _check_common(generator, num_images_per_prompt)
-    student_tf = pipe.transformer
-    if flow_family(student_tf) != "flux":
-        raise ValueError(f"pipe must be a FluxPipeline, got a {type(student_tf).__name__} transformer")
+    student_tf, batch, height, width = _prologue(
+        pipe, teacher_net, "flux", "FluxPipeline", prompt, height, width, generator, num_images_per_prompt)
     teacher_tf = _net_model(teacher_net) if teacher_net is not None else None
-    if teacher_tf is not None:
-        check_flow_pair(student_tf, teacher_tf)
-    batch = _batch_size(prompt) * num_images_per_prompt
-    height = height or pipe.default_sample_size * pipe.vae_scale_factor
-    width = width or pipe.default_sample_size * pipe.vae_scale_factor
     packed = pipe.vae_scale_factor * 2
     _check_size(height, width, packed)
     sigmas = flux_sigmas(num_inference_steps, pipe.scheduler.config, (height // packed) * (width // packed))
@@ -499,16 +506,9 @@ def prepare_sd3(
         guidance: validated against the grid before any model runs; with zero strength at every step
             the run has no teacher.
     """
-    _check_common(generator, num_images_per_prompt)
-    student_tf = pipe.transformer
-    if flow_family(student_tf) != "sd3":
-        raise ValueError(f"pipe must be a StableDiffusion3Pipeline, got a {type(student_tf).__name__} transformer")
+    student_tf, batch, height, width = _prologue(
+        pipe, teacher_net, "sd3", "StableDiffusion3Pipeline", prompt, height, width, generator, num_images_per_prompt)
     teacher_tf = _net_model(teacher_net) if teacher_net is not None else None
-    if teacher_tf is not None:
-        check_flow_pair(student_tf, teacher_tf)
-    batch = _batch_size(prompt) * num_images_per_prompt
-    height = height or pipe.default_sample_size * pipe.vae_scale_factor
-    width = width or pipe.default_sample_size * pipe.vae_scale_factor
     patch = student_tf.config.patch_size
     _check_size(height, width, pipe.vae_scale_factor * patch)
     lat_h, lat_w = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
