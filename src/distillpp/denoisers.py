@@ -147,12 +147,16 @@ class DiscreteVPDenoiser:
             return c.sqrt() * z - (s * c.sqrt()) * out
         return out
 
+    def boundary_condition(self, x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Map the raw x0 prediction to the denoiser's output (identity; LCM overrides it)."""
+        return x0
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         t = self.timestep(sigma)  # before any rounding to x's dtype: bf16 sigmas hit the wrong t
         sigma = sigma.to(x.dtype)
         z = x / append_dims((1 + sigma**2).sqrt(), x.ndim)
         out = self.net(z.to(self.dtype or x.dtype), t, **cond).to(x.dtype)
-        return self.raw_x0(out, x, z, sigma)
+        return self.boundary_condition(self.raw_x0(out, x, z, sigma), z, t)
 
 
 class LCMDenoiser(DiscreteVPDenoiser):
@@ -168,17 +172,12 @@ class LCMDenoiser(DiscreteVPDenoiser):
         self.timestep_scaling = timestep_scaling
         self.sigma_data = sigma_data
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        t = self.timestep(sigma)
-        sigma = sigma.to(x.dtype)
-        z = x / append_dims((1 + sigma**2).sqrt(), x.ndim)
-        out = self.net(z.to(self.dtype or x.dtype), t, **cond).to(x.dtype)
-        x0 = self.raw_x0(out, x, z, sigma)
-        # Boundary-condition scalings in float32 (10 t reaches 9990; bf16 would round t itself).
-        st = append_dims(t.float() * self.timestep_scaling, x.ndim)
+    def boundary_condition(self, x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # Scalings in float32 (10 t reaches 9990; bf16 would round t itself).
+        st = append_dims(t.float() * self.timestep_scaling, x0.ndim)
         sd2 = self.sigma_data**2
-        c_skip = (sd2 / (st**2 + sd2)).to(x.dtype)
-        c_out = (st / (st**2 + sd2).sqrt()).to(x.dtype)
+        c_skip = (sd2 / (st**2 + sd2)).to(x0.dtype)
+        c_out = (st / (st**2 + sd2).sqrt()).to(x0.dtype)
         return c_out * x0 + c_skip * z
 
 
