@@ -197,13 +197,11 @@ class _Guide:
         mix = float(self.cfg.noise_mix)
         return math.sqrt(1 - mix) * d_rep + math.sqrt(mix) * z
 
-    def __call__(
-        self, i: int, x: torch.Tensor, x0_s: torch.Tensor, sigmas: torch.Tensor
-    ) -> tuple[torch.Tensor, GuidanceInfo | None]:
+    def __call__(self, i: int, x: torch.Tensor, x0_s: torch.Tensor) -> tuple[torch.Tensor, GuidanceInfo | None]:
         if i >= len(self.lams) or self.lams[i] == 0.0:
             return x0_s, None
         lam = self.lams[i]
-        sigma = float(sigmas[i])
+        sigma = float(self.sigmas[i])
         k, b = self.cfg.samples, x.shape[0]
         _check_finite(x0_s, "student", i, sigma)
 

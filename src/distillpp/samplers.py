@@ -75,7 +75,7 @@ def _student_step(
     info = None
     x0 = x0_s
     if guide is not None:
-        x0, info = guide(i, x, x0_s, sigmas)
+        x0, info = guide(i, x, x0_s)
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigmas[i + 1], "denoised": x0,
                   "student_denoised": x0_s, "guidance": info})
