@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .analytic import GaussianMixture, GaussianMixtureDenoiser, energy_distance, mode_weights
 from .api import sample
 from .guidance import TeacherGuidance
+from .metrics.evaluate import mean_std
 from .schedules import karras_sigmas
 
 __all__ = ["TRUE_MIXTURE", "biased_students", "run_config", "study", "add_arguments", "run"]
@@ -91,11 +92,10 @@ def _aggregate(results: list[Result]) -> list[dict]:
         groups.setdefault((r.student, r.sampler, r.guided_steps, r.renoise, r.strength), []).append(r)
     rows = []
     for (student, sampler, k, ren, s), rs in groups.items():
-        e = np.array([r.energy for r in rs])
-        tv = np.array([r.mode_tv for r in rs])
+        e_mean, e_std = mean_std(r.energy for r in rs)
+        tv_mean, _ = mean_std(r.mode_tv for r in rs)
         rows.append(dict(student=student, sampler=sampler, guided_steps=k, renoise=ren, strength=s,
-                         energy_mean=float(e.mean()), energy_std=float(e.std(ddof=1)) if len(e) > 1 else 0.0,
-                         mode_tv_mean=float(tv.mean()), seeds=len(rs)))
+                         energy_mean=e_mean, energy_std=e_std, mode_tv_mean=tv_mean, seeds=len(rs)))
     return rows
 
 
