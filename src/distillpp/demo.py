@@ -194,8 +194,8 @@ def comparison_grid(
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    crop = 2  # the zoo pads 28x28 images to 32x32
-    h = rows[0][2].shape[-1] - 2 * crop
+    to_images = get_zoo().to_images  # uint8, the zoo's 32x32 padding cropped back to 28x28
+    h = to_images(rows[0][2][:1, 0]).shape[-1]
     cell, pad = h * scale, 4
     pitch = cell + pad
     label_w, header_h = 210, 30
@@ -227,7 +227,7 @@ def comparison_grid(
         lines.append(line)
         for k, text in enumerate(lines[:3]):
             draw.text((10, y + 18 + 12 * k), fit(text, label_w - 14), fill="dimgray", font=font)
-        pixels = ((images[:, 0, crop:-crop, crop:-crop].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        pixels = to_images(images[:, 0])
         for j in range(pixels.shape[0]):
             tile = Image.fromarray(pixels[j].numpy()).resize((cell, cell), Image.NEAREST)
             img.paste(tile.convert("RGB"), (label_w + j * pitch, y))
