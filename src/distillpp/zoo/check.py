@@ -22,13 +22,11 @@ import torch
 from ..api import sample
 from ..guidance import TeacherGuidance
 from ..metrics.fid import fid_from_features
+from ..metrics.generate import TEACHER_OF
 from . import ZOO_NAMES, ZooModel, load, load_classifier, to_images
 from .data import load_split
 
 __all__ = ["main", "sample_zoo"]
-
-_TEACHER_OF = {"lcm": "teacher", "pd": "teacher", "flow-student": "flow-teacher"}
-
 
 @torch.no_grad()
 def sample_zoo(
@@ -168,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in models:
                 measure(models[name], f"{name} cfg sweep: cfg {w:g}", cfg=w)
 
-    for name, teacher in _TEACHER_OF.items():
+    for name, teacher in TEACHER_OF.items():
         if name in models and teacher in models:
             try:
                 g = TeacherGuidance(strength=0.1, steps=1)
