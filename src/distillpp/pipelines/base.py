@@ -173,6 +173,23 @@ def make_guidance(
     )
 
 
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_call_args(generator: Any, num_images_per_prompt: Any, output_type: str | None = None) -> None:
+    """The call arguments every family checks before any model runs (a ValueError naming the argument)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            "generator must be one torch.Generator or None (it drives every random draw), "
+            f"got {type(generator).__name__}"
+        )
+    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+            or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+    if output_type is not None and output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+
+
 class GuidedPipeline(Protocol):
     """What every family's pipeline offers, so the CLI and benchmarks drive them alike."""
 

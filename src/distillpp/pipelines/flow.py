@@ -38,11 +38,13 @@ from ..schedules import (
     FLOW_SIGMA_MAX, flow_sigmas, flow_time_shift_mu, flow_time_to_sigma, initial_sample, shift_flow_times,
 )
 from .base import (
+    OUTPUT_TYPES,
     DistillppPipelineOutput,
     GuidanceDefaults,
     GuidedRun,
     MissingWeightsError,
     WeightsRef,
+    check_call_args,
     check_weights,
     make_guidance,
     place_teacher_net,
@@ -304,14 +306,6 @@ def _check_size(height: int, width: int, multiple: int) -> None:
             raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
 
 
-def _check_common(generator: Any, num_images_per_prompt: int) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-            or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-
-
 def _module_device(module: torch.nn.Module) -> torch.device:
     """Where a module computes: its accelerate offload hook's device if it has one, else its weights'."""
     hook = getattr(module, "_hf_hook", None)
@@ -363,7 +357,7 @@ def _negatives(negative: str | list[str] | None, prompt: str | list[str]) -> str
 @torch.no_grad()
 def _prologue(pipe, teacher_net, family, pipeline_name, prompt, height, width, generator, num_images_per_prompt):
     """Checks every flow family runs first; returns the student transformer, batch size and image size."""
-    _check_common(generator, num_images_per_prompt)
+    check_call_args(generator, num_images_per_prompt)
     student_tf = pipe.transformer
     if flow_family(student_tf) != family:
         raise ValueError(f"pipe must be a {pipeline_name}, got a {type(student_tf).__name__} transformer")
@@ -738,7 +732,7 @@ class FlowDistillppPipeline:
         Raises:
             ValueError: on invalid arguments, before any model call.
         """
-        if output_type not in ("pil", "np", "pt", "latent"):
+        if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         allowed = {"prompt_2", "prompt_3", "clip_skip"} if self.family == "sd3" else {"prompt_2"}
         unknown = set(prompts) - allowed

@@ -34,6 +34,7 @@ from .base import (
     GuidedRun,
     MissingWeightsError,
     WeightsRef,
+    check_call_args,
     check_weights,
     ensure_adapter_switchable,
     make_guidance,
@@ -429,16 +430,7 @@ class DistillppPipeline:
 
         negs = as_list(negative_prompt, "negative_prompt")
         teacher_negs = as_list(teacher_negative_prompt, "teacher_negative_prompt") or negs
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                "generator must be one torch.Generator or None (it drives every random draw), "
-                f"got {type(generator).__name__}"
-            )
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        check_call_args(generator, num_images_per_prompt, output_type)
         factor = pipe.vae_scale_factor
         default_h = self.preset.height if self.preset else pipe.unet.config.sample_size * factor
         default_w = self.preset.width if self.preset else pipe.unet.config.sample_size * factor
