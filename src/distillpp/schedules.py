@@ -14,7 +14,7 @@ like diffusers'.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -52,6 +52,9 @@ class DiscreteVPSchedule:
     """
 
     alphas_cumprod: torch.Tensor
+    # log-sigma table per device: sigma_to_t runs on every model call, and rebuilding the table and
+    # copying it to an accelerator each time puts a host-to-device copy in the sampling loop.
+    _log_sigmas: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_betas(
@@ -123,7 +126,10 @@ class DiscreteVPSchedule:
 
     def sigma_to_t(self, sigma: torch.Tensor, quantize: bool = True) -> torch.Tensor:
         """Timestep of each sigma: nearest in log-sigma, or interpolated (k-diffusion ``DiscreteSchedule``)."""
-        log_sigmas = self.sigmas.log().to(sigma.device)
+        key = str(sigma.device)
+        if key not in self._log_sigmas:
+            self._log_sigmas[key] = self.sigmas.log().to(sigma.device)
+        log_sigmas = self._log_sigmas[key]
         log_sigma = sigma.double().clamp(min=1e-10).log()
         dists = log_sigma.reshape(-1, 1) - log_sigmas.reshape(1, -1)
         if quantize:
