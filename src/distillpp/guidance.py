@@ -30,7 +30,7 @@ from .denoisers import append_dims, repeat_cond
 from .samplers import randn_like
 from .schedules import sigma_to_flow_time
 
-__all__ = ["TeacherGuidance", "GuidanceInfo", "NonFiniteError", "RENOISE", "NOISE", "SPACE"]
+__all__ = ["TeacherGuidance", "GuidanceInfo", "NonFiniteError", "RENOISE", "NOISE", "SPACE", "as_number", "as_count"]
 
 RENOISE = ("next", "same", "random")
 NOISE = ("random", "deterministic", "hybrid")
@@ -66,29 +66,58 @@ class GuidanceInfo:
     correction: torch.Tensor
 
 
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+    return value
 
 
-def _check_strength(value: float, where: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"strength{where} must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= v <= 1.0 or math.isnan(v):
+def as_number(value: Any, name: str) -> float:
+    """``value`` as a float when it is a real number (Python, numpy or 0-d tensor scalar), else a ValueError.
+
+    Strings and booleans are refused rather than converted, so ``strength="1"`` is not read as a list
+    of characters or as 1.0 by accident.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    elif hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "shape", None) == ():
+        value = value.item()  # numpy scalar or 0-d array
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def as_count(value: Any, name: str, minimum: int) -> int:
+    """``value`` as an int ``>= minimum`` (Python or numpy/0-d tensor integer), else a ValueError naming it."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    elif hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "shape", None) == () \
+            and getattr(value.dtype, "kind", "") in "iu":
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_strength(value: Any, where: str) -> float:
+    v = as_number(value, f"strength{where}")
+    if not 0.0 <= v <= 1.0:  # also refuses NaN
         raise ValueError(f"strength{where} must be in [0, 1], got {v}")
     return v
 
 
-@dataclass
+@dataclass(frozen=True, init=False)
 class TeacherGuidance:
-    """The knobs of teacher-guided sampling (SPEC section 4).
+    """The knobs of teacher-guided sampling; the one representation used by the API, pipelines and CLI.
+
+    Immutable: derive variants with ``dataclasses.replace(g, strength=0.2)``.
 
     Args:
-        strength: ``lam``: a constant in [0, 1], a list with one value per guided step, or a callable
+        strength: ``lam``: a constant in [0, 1], a sequence with one value per guided step, or a callable
             ``strength(i, sigma_i) -> float``. 0 gives output bit-identical to the plain sampler.
-        steps: how many leading sampler steps are guided (0 = none).
+        guided_steps: how many leading sampler steps are guided (0 = none). ``steps=`` is accepted as
+            an alias (the name used in the paper-era API).
         renoise: teacher level: ``"next"`` (default, the paper's ``s = t - dt``), ``"same"``, ``"random"``.
         noise: re-noising direction: ``"random"`` (default), ``"deterministic"``, ``"hybrid"``.
         space: fusion space, ``"x0"`` (the paper) or ``"eps"`` (reference code for LCM/DMD2).
@@ -96,10 +125,13 @@ class TeacherGuidance:
             ``None`` leaves the teacher's own default.
         samples: ``K`` teacher re-noise draws averaged in one batched forward (not in the paper).
         noise_mix: weight of fresh noise in ``hybrid`` noise, in [0, 1].
+
+    Raises:
+        ValueError: any knob outside its range, naming it.
     """
 
     strength: Strength = 0.1
-    steps: int = 1
+    guided_steps: int = 1
     renoise: str = "next"
     noise: str = "random"
     space: str = "x0"
@@ -107,38 +139,67 @@ class TeacherGuidance:
     samples: int = 1
     noise_mix: float = 0.5
 
-    def __post_init__(self) -> None:
-        _check_choice("renoise", self.renoise, RENOISE)
-        _check_choice("noise", self.noise, NOISE)
-        _check_choice("space", self.space, SPACE)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
-            raise ValueError(f"samples must be an integer >= 1, got {self.samples!r}")
-        if not 0.0 <= float(self.noise_mix) <= 1.0:
-            raise ValueError(f"noise_mix must be in [0, 1], got {self.noise_mix}")
-        if self.teacher_cfg is not None and not math.isfinite(float(self.teacher_cfg)):
-            raise ValueError(f"teacher_cfg must be a finite number or None, got {self.teacher_cfg}")
-        if isinstance(self.strength, (int, float)):
-            _check_strength(self.strength, "")
-        elif not callable(self.strength):
-            values = list(self.strength)
-            for k, v in enumerate(values):
-                _check_strength(v, f"[{k}]")
+    def __init__(
+        self,
+        strength: Strength = 0.1,
+        guided_steps: int | None = None,
+        renoise: str = "next",
+        noise: str = "random",
+        space: str = "x0",
+        teacher_cfg: float | None = None,
+        samples: int = 1,
+        noise_mix: float = 0.5,
+        *,
+        steps: int | None = None,
+    ):
+        if steps is not None and guided_steps is not None and steps != guided_steps:
+            raise ValueError(f"give guided_steps or its alias steps, not both (got {guided_steps!r} and {steps!r})")
+        count = guided_steps if guided_steps is not None else (steps if steps is not None else 1)
+        if isinstance(strength, str):
+            raise ValueError(f"strength must be a number in [0, 1], a sequence of them or a callable, got {strength!r}")
+        if callable(strength):
+            pass
+        elif isinstance(strength, (list, tuple)) or (
+            isinstance(strength, torch.Tensor) and strength.ndim == 1
+        ) or (hasattr(strength, "ndim") and getattr(strength, "ndim", 0) == 1):
+            strength = tuple(_check_strength(v, f"[{k}]") for k, v in enumerate(strength))
+        else:
+            strength = _check_strength(strength, "")
+        set_ = object.__setattr__
+        set_(self, "strength", strength)
+        set_(self, "guided_steps", as_count(count, "guided_steps", 0))
+        set_(self, "renoise", _check_choice("renoise", renoise, RENOISE))
+        set_(self, "noise", _check_choice("noise", noise, NOISE))
+        set_(self, "space", _check_choice("space", space, SPACE))
+        if teacher_cfg is not None:
+            teacher_cfg = as_number(teacher_cfg, "teacher_cfg")
+            if not math.isfinite(teacher_cfg):
+                raise ValueError(f"teacher_cfg must be a finite number or None, got {teacher_cfg}")
+        set_(self, "teacher_cfg", teacher_cfg)
+        set_(self, "samples", as_count(samples, "samples", 1))
+        mix = as_number(noise_mix, "noise_mix")
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"noise_mix must be in [0, 1], got {mix}")
+        set_(self, "noise_mix", mix)
+
+    @property
+    def steps(self) -> int:
+        """Alias of :attr:`guided_steps`."""
+        return self.guided_steps
 
     def strengths(self, sigmas: torch.Tensor) -> list[float]:
         """``lam`` of each guided step for this grid; validates against the number of steps."""
         n = len(sigmas) - 1
-        if self.steps > n:
-            raise ValueError(f"steps must be in [0, {n}] (the number of sampler steps), got {self.steps}")
-        if isinstance(self.strength, (int, float)):
-            return [float(self.strength)] * self.steps
+        k = self.guided_steps
+        if k > n:
+            raise ValueError(f"guided_steps must be in [0, {n}] (the number of sampler steps), got {k}")
+        if isinstance(self.strength, float):
+            return [self.strength] * k
         if callable(self.strength):
-            return [_check_strength(self.strength(i, float(sigmas[i])), f"({i}, sigma)") for i in range(self.steps)]
-        values = list(self.strength)
-        if len(values) < self.steps:
-            raise ValueError(f"strength has {len(values)} values but steps={self.steps} are guided")
-        return [float(v) for v in values[: self.steps]]
+            return [_check_strength(self.strength(i, float(sigmas[i])), f"({i}, sigma)") for i in range(k)]
+        if len(self.strength) < k:
+            raise ValueError(f"strength has {len(self.strength)} values but guided_steps={k} are guided")
+        return list(self.strength[:k])
 
     def bind(
         self,
