@@ -353,97 +353,27 @@ def flow_sigmas(
     return torch.cat([flow_time_to_sigma(s), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
 
 
-# Config options that change a scheduler's interior grid in ways these constructors do not follow:
-# (option, value that is supported). Refusing them beats returning a silently different grid.
-_GRID_OPTIONS: dict[str, tuple[tuple[str, Any], ...]] = {
-    "EulerDiscreteScheduler": (
-        ("interpolation_type", "linear"),
-        ("use_exponential_sigmas", False),
-        ("use_beta_sigmas", False),
-    ),
-    "FlowMatchEulerDiscreteScheduler": (
-        ("use_karras_sigmas", False),
-        ("use_exponential_sigmas", False),
-        ("use_beta_sigmas", False),
-        ("invert_sigmas", False),
-    ),
-}
-
-
-def _check_grid_options(name: str, cfg: Mapping[str, Any]) -> None:
-    if cfg.get("use_karras_sigmas") and name == "EulerDiscreteScheduler":
-        for option in ("sigma_min", "sigma_max"):
-            if cfg.get(option) is not None:
-                raise ValueError(
-                    f"{name} config {option}={cfg[option]!r} is not supported with use_karras_sigmas "
-                    "(only None); pass karras_sigmas(sigma_min, sigma_max, n) explicitly"
-                )
-    for option, supported in _GRID_OPTIONS.get(name, ()):
-        value = cfg.get(option, supported)
-        if value != supported and not (supported is False and value is None):
-            raise ValueError(
-                f"{name} config {option}={value!r} is not supported (only {supported!r}); "
-                "pass explicit sigmas instead"
-            )
-
-
 def sigmas_from_scheduler(scheduler: Any, num_inference_steps: int, **kwargs: Any) -> torch.Tensor:
     """Explicit sigmas for a diffusers scheduler object, read from its class and config.
 
-    Supports ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DDIMScheduler``,
-    ``LCMScheduler`` (``timesteps=[...]`` for DMD2-style explicit grids) and
-    ``FlowMatchEulerDiscreteScheduler`` (``mu=`` for dynamic shifting). The grid equals the
-    scheduler's own ``set_timesteps(num_inference_steps)``. Pipelines may pass their own grid
-    instead: ``FluxPipeline`` calls ``set_timesteps(sigmas=np.linspace(1, 1 / n, n), mu=mu)``,
+    The grid equals the scheduler's own ``set_timesteps(num_inference_steps)``; which schedulers and
+    options are supported is recorded in :mod:`distillpp.diffusers_schedulers`. Pipelines may pass
+    their own grid instead: ``FluxPipeline`` calls ``set_timesteps(sigmas=np.linspace(1, 1 / n, n), mu=mu)``,
     which these defaults do not reproduce.
 
     Args:
         scheduler: a diffusers scheduler object (only its class and config are read).
         num_inference_steps: number of sampling steps.
-        **kwargs: ``timesteps`` (LCM) or ``mu`` (flow dynamic shifting).
+        **kwargs: ``timesteps`` (LCM: explicit DMD2-style grids) or ``mu`` (flow dynamic shifting).
 
     Raises:
-        ValueError: for other scheduler classes, and for config options that change the grid in ways
-            not reproduced here (exponential/beta sigmas, log-linear interpolation, a custom Karras
+        ValueError: for unsupported scheduler classes, and for config options that change the grid in
+            ways not reproduced here (exponential/beta sigmas, log-linear interpolation, a custom Karras
             range, inverted flow sigmas, zero-terminal-SNR betas).
     """
-    name = type(scheduler).__name__
-    cfg = scheduler.config
-    _check_grid_options(name, cfg)
-    if name == "FlowMatchEulerDiscreteScheduler":
-        return flow_sigmas(
-            num_inference_steps,
-            num_train_timesteps=cfg.get("num_train_timesteps", 1000),
-            shift=cfg.get("shift", 1.0),
-            use_dynamic_shifting=cfg.get("use_dynamic_shifting", False),
-            mu=kwargs.get("mu"),
-            time_shift_type=cfg.get("time_shift_type", "exponential"),
-            shift_terminal=cfg.get("shift_terminal"),
-        )
-    schedule = DiscreteVPSchedule.from_config(cfg)
-    if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
-        return euler_sigmas(
-            schedule,
-            num_inference_steps,
-            timestep_spacing=cfg.get("timestep_spacing", "linspace"),
-            steps_offset=cfg.get("steps_offset", 0),
-            use_karras_sigmas=cfg.get("use_karras_sigmas", False),
-        )
-    if name == "DDIMScheduler":
-        return ddim_sigmas(
-            schedule,
-            num_inference_steps,
-            timestep_spacing=cfg.get("timestep_spacing", "leading"),
-            steps_offset=cfg.get("steps_offset", 0),
-        )
-    if name == "LCMScheduler":
-        if kwargs.get("timesteps") is not None:
-            return timestep_sigmas(schedule, kwargs["timesteps"])
-        return lcm_sigmas(schedule, num_inference_steps, cfg.get("original_inference_steps", 50))
-    raise ValueError(
-        f"scheduler {name} is not supported; use EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
-        "DDIMScheduler, LCMScheduler or FlowMatchEulerDiscreteScheduler, or pass explicit sigmas"
-    )
+    from .diffusers_schedulers import scheduler_config, scheduler_rule
+
+    return scheduler_rule(scheduler).sigmas(scheduler_config(scheduler), num_inference_steps, **kwargs)
 
 
 def initial_sample(noise: torch.Tensor, sigmas: torch.Tensor, family: str = "vp") -> torch.Tensor:
