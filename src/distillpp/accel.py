@@ -1,0 +1,564 @@
+"""The GPU fast path: network calls replayed from captured CUDA graphs (or compiled by inductor).
+
+Eager PyTorch launches every kernel of a UNet or transformer forward from Python; at batch 1 on a
+large GPU the card then idles most of each forward, waiting for the CPU. A CUDA graph records the
+kernels of one forward once and replays them with a single launch. What is wrapped here is a
+*network* ``net(sample, timestep, **cond) -> out`` (what :func:`distillpp.unet_fn` returns, the
+flow-transformer adapters, :class:`~distillpp.pipelines.base.AdapterOffNet`), never a denoiser or a
+sampler, so the denoiser arithmetic, the solver and the teacher guidance stay ordinary eager code
+and every sampler works unchanged.
+
+Modes (the ``compile=`` option of the pipelines and ``--compile`` of the CLI):
+
+- ``"none"``: the network is returned unchanged.
+- ``"graphs"``: one CUDA graph per input signature (shapes, dtypes and devices of every tensor
+  argument, the values of the non-tensor ones, the model's LoRA adapter state), captured on first
+  use after a warm-up on a side stream, with static input buffers that each call copies into, and
+  outputs copied out (so a result is never overwritten by a later replay). The graphs of one
+  :class:`Accelerator` share one memory pool per device: student and teacher forwards run one
+  after the other on one stream, so their intermediates can reuse the same memory. On a device
+  that is not CUDA it falls back to eager with a one-line warning.
+- ``"inductor"``: ``torch.compile(net, mode="reduce-overhead")`` (inductor kernels replayed from
+  CUDA graphs by PyTorch's cudagraph trees). The first call per shape compiles for minutes on an
+  SDXL-size UNet; a one-line notice says so. Compiled artifacts are cached across runs by
+  inductor's FX-graph and AOTAutograd caches, in ``TORCHINDUCTOR_CACHE_DIR`` (set here to
+  ``~/.cache/distillpp/torchinductor`` when unset, so the cache outlives ``/tmp``).
+
+A captured graph replays the kernels, and reads the weights at the addresses, of the moment of
+capture. So: a LoRA model's adapter state is part of the signature (the adapter-off teacher of a
+LoRA student is its own graph); a network whose weights are swapped in per call
+(:class:`~distillpp.pipelines.base.OffloadedNet`) is never graphed; moving or reloading weights
+after capture is detected through the first parameter's address and drops the stale graphs.
+:meth:`Accelerator.reset` drops them by hand (e.g. after changing adapter scales).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["COMPILE_MODES", "check_compile", "Accelerator", "GraphedNet", "CompiledNet", "accelerate_net",
+           "CaptureRecord"]
+
+COMPILE_MODES = ("none", "graphs", "inductor")
+
+logger = logging.getLogger(__name__)
+
+Net = Callable[..., Any]
+
+
+def check_compile(compile: Any) -> str:
+    """Validate a ``compile=`` value (``None`` means ``"none"``); a ValueError names ``compile`` otherwise."""
+    if compile is None:
+        return "none"
+    if not isinstance(compile, str) or compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(repr(m) for m in COMPILE_MODES)} or None; got {compile!r}")
+    return compile
+
+
+# --------------------------------------------------------------------------------------------
+# Input signatures: nested (args, cond) -> a hashable spec plus the list of its tensors.
+# --------------------------------------------------------------------------------------------
+
+
+def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """A hashable description of ``obj`` with each tensor replaced by its slot, shape, dtype and device."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return ("T", len(tensors) - 1, tuple(obj.shape), obj.dtype, obj.device)
+    if isinstance(obj, dict):
+        return ("dict", tuple((k, _flatten(v, tensors)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return (type(obj), tuple(_flatten(v, tensors) for v in obj))
+    try:
+        hash(obj)
+    except TypeError:
+        return ("V", type(obj), repr(obj))
+    return ("V", type(obj), obj)
+
+
+def _build(spec: Any, tensors: list[torch.Tensor]) -> Any:
+    """Inverse of :func:`_flatten` over (possibly other) tensors in the same slots."""
+    tag = spec[0]
+    if tag == "T":
+        return tensors[spec[1]]
+    if tag == "dict":
+        return {k: _build(v, tensors) for k, v in spec[1]}
+    if tag == "V":
+        if isinstance(spec[2], str) and spec[1] is not str:
+            raise ValueError(f"cannot rebuild an unhashable non-tensor argument {spec[2]}")
+        return spec[2]
+    return spec[0](_build(v, tensors) for v in spec[1])
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _describe(spec: Any) -> str:
+    """``"1x4x128x128 float16"``: the shape of the first tensor of a signature, for notices."""
+    while spec[0] != "T":
+        spec = spec[1][0] if spec[0] != "dict" else spec[1][0][1]
+    return "x".join(str(s) for s in spec[2]) + " " + str(spec[3]).replace("torch.", "")
+
+
+def _has_unhashable(spec: Any) -> bool:
+    if spec[0] == "V":
+        return isinstance(spec[2], str) and spec[1] is not str
+    if spec[0] == "T":
+        return False
+    items = spec[1] if spec[0] != "dict" else tuple(v for _, v in spec[1])
+    return any(_has_unhashable(v) for v in items)
+
+
+# --------------------------------------------------------------------------------------------
+# What a graph depends on besides its inputs: the network's adapter state and weight addresses.
+# --------------------------------------------------------------------------------------------
+
+
+def _module_of(net: Any) -> torch.nn.Module | None:
+    """The ``torch.nn.Module`` under a network callable (``unet_fn``'s ``.model``, a wrapper's ``.net``)."""
+    seen = 0
+    while net is not None and seen < 8:
+        if isinstance(net, torch.nn.Module):
+            return net
+        model = getattr(net, "model", None)
+        if isinstance(model, torch.nn.Module):
+            return model
+        net = getattr(net, "net", None)
+        seen += 1
+    return None
+
+
+def _tuner_layers(module: torch.nn.Module | None) -> list[torch.nn.Module]:
+    if module is None:
+        return []
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no adapters
+        return []
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _is_adapter_off(net: Any) -> bool:
+    from .pipelines.base import AdapterOffNet
+
+    return isinstance(net, AdapterOffNet)
+
+
+class _NetState:
+    """The part of a network's state a captured graph bakes in, read cheaply on every call."""
+
+    def __init__(self, net: Any):
+        self.module = _module_of(net)
+        self.layers = _tuner_layers(self.module)
+        self.adapter_off = _is_adapter_off(net)
+
+    def key(self) -> tuple:
+        """``("adapters", <state>)`` for LoRA models (``"off"`` for the adapter-off call), plus the weights' address."""
+        if self.adapter_off:
+            adapters: Any = "off"
+        elif self.layers:
+            off = [bool(getattr(m, "disable_adapters", False)) for m in self.layers]
+            act = self.layers[0].active_adapter
+            adapters = ("off" if all(off) else "on" if not any(off) else "mixed", tuple(act) if isinstance(act, list)
+                        else act)
+        else:
+            adapters = None
+        return ("adapters", adapters)
+
+    def weights_token(self) -> tuple | None:
+        if self.module is None:
+            return None
+        p = next(self.module.parameters(), None)
+        return None if p is None else (p.data_ptr(), p.dtype, p.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Captured graphs.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptureRecord:
+    """One first call: a CUDA-graph capture (warm-up included) or an inductor compile.
+
+    Attributes:
+        name: the wrapped network's name (``"student"``, ``"teacher"``).
+        signature: the first tensor's shape and dtype (``"2x4x128x128 float16"``).
+        seconds: wall time of the first call, synchronized.
+        kind: ``"graph"`` or ``"inductor"``.
+    """
+
+    name: str
+    signature: str
+    seconds: float
+    kind: str
+
+
+@dataclass
+class _Graph:
+    replay: Callable[[], None]
+    inputs: list[torch.Tensor]
+    outputs: Any
+    spec: Any
+
+
+def cuda_capture(net: Net, args: tuple, kwargs: dict, device: torch.device, pool: Any, warmup: int) -> tuple[
+        Callable[[], None], Any]:
+    """Capture ``net(*args, **kwargs)`` into a CUDA graph; returns ``(replay, static outputs)``.
+
+    The warm-up runs on a side stream first (cuBLAS/cuDNN handles, lazy init and autotuning must not
+    happen inside the capture), then one call is recorded into ``pool``. Nothing is executed by the
+    capture itself, so the caller replays once to get the first result.
+    """
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                net(*args, **kwargs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = net(*args, **kwargs)
+    return graph.replay, outputs
+
+
+class GraphedNet:
+    """``net(sample, timestep, **cond)`` replayed from CUDA graphs, one per input signature.
+
+    Returned outputs are fresh tensors (copied out of the graph's static outputs), so they stay
+    valid across later calls. Calls with gradients enabled, with a tensor off ``device``, or with an
+    argument that cannot be keyed run eagerly, as does every new signature beyond ``max_graphs``.
+
+    Args:
+        net: the network callable.
+        device: the CUDA device its weights live on.
+        pool: a CUDA graph memory pool handle shared with the other networks of one run.
+        name: name used in notices and :attr:`records`.
+        warmup: eager calls on a side stream before each capture.
+        max_graphs: most signatures captured; later new ones run eagerly (with one warning).
+        records: list that capture records are appended to (shared by an :class:`Accelerator`).
+        capture: the capture function (default :func:`cuda_capture`; tests pass a CPU stand-in).
+    """
+
+    def __init__(
+        self,
+        net: Net,
+        device: torch.device | str,
+        pool: Any = None,
+        name: str = "net",
+        warmup: int = 2,
+        max_graphs: int = 16,
+        records: list[CaptureRecord] | None = None,
+        capture: Callable[..., tuple[Callable[[], None], Any]] = cuda_capture,
+    ):
+        self.net = net
+        self.device = torch.device(device)
+        self.pool = pool
+        self.name = name
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.records = records if records is not None else []
+        self._capture_fn = capture
+        self._state = _NetState(net)
+        self._weights = self._state.weights_token()
+        self._graphs: dict[tuple, _Graph] = {}
+        self._eager_keys: set[tuple] = set()
+        self.replays = 0
+        self.eager_calls = 0
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The underlying module (for code that reads ``net.model`` from :func:`distillpp.unet_fn`)."""
+        return self._state.module
+
+    def key(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> tuple:
+        """The signature a call is cached under (its adapter state, and its inputs' structure/shapes/dtypes)."""
+        return self._key_and_tensors(sample, timestep, cond)[0]
+
+    def _key_and_tensors(self, sample: Any, timestep: Any, cond: dict) -> tuple[tuple, Any, list[torch.Tensor]]:
+        tensors: list[torch.Tensor] = []
+        spec = _flatten(((sample, timestep), cond), tensors)
+        return (self._state.key(), spec), spec, tensors
+
+    def reset(self) -> None:
+        """Drop every captured graph (they are recaptured on next use)."""
+        self._graphs.clear()
+        self._eager_keys.clear()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> Any:
+        if torch.is_grad_enabled():
+            self.eager_calls += 1
+            return self.net(sample, timestep, **cond)
+        token = self._state.weights_token()
+        if token != self._weights:  # weights moved or were replaced: every graph reads stale addresses
+            self.reset()
+            self._weights = token
+        key, spec, tensors = self._key_and_tensors(sample, timestep, cond)
+        graph = self._graphs.get(key)
+        started = None
+        if graph is None:
+            if key in self._eager_keys or not self._capturable(spec, tensors):
+                self._eager_keys.add(key)
+                self.eager_calls += 1
+                return self.net(sample, timestep, **cond)
+            started = self._sync_clock()
+            graph = self._record(key, spec, tensors)
+            if graph is None:
+                self.eager_calls += 1
+                return self.net(sample, timestep, **cond)
+        else:
+            for dst, src in zip(graph.inputs, tensors):
+                if dst is not src:
+                    dst.copy_(src)
+        graph.replay()  # a capture executes nothing, so a first call replays too
+        self.replays += 1
+        out = _map_tensors(graph.outputs, torch.Tensor.clone)
+        if started is not None:
+            seconds = self._sync_clock() - started
+            self.records.append(CaptureRecord(self.name, _describe(spec), seconds, "graph"))
+            logger.info("distillpp.accel: captured a CUDA graph of %s for %s in %.2f s", self.name, _describe(spec),
+                        seconds)
+        return out
+
+    def _sync_clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _capturable(self, spec: Any, tensors: list[torch.Tensor]) -> bool:
+        if any(t.device != self.device for t in tensors) or _has_unhashable(spec):
+            return False
+        if len(self._graphs) >= self.max_graphs:
+            warnings.warn(f"distillpp.accel: {self.name} already has {self.max_graphs} CUDA graphs; new input "
+                          "signatures run eagerly", RuntimeWarning, stacklevel=3)
+            return False
+        return True
+
+    def _record(self, key: tuple, spec: Any, tensors: list[torch.Tensor]) -> _Graph | None:
+        inputs = [t.detach().clone() for t in tensors]
+        args, kwargs = _build(spec, inputs)
+        try:
+            replay, outputs = self._capture_fn(self.net, args, kwargs, self.device, self.pool, self.warmup)
+        except Exception as e:  # noqa: BLE001 - a network that cannot be captured still runs, eagerly
+            self._sync_clock()
+            warnings.warn(f"distillpp.accel: could not capture a CUDA graph of {self.name} ({type(e).__name__}: "
+                          f"{str(e)[:200]}); this input signature runs eagerly", RuntimeWarning, stacklevel=3)
+            self._eager_keys.add(key)
+            return None
+        graph = _Graph(replay, inputs, outputs, spec)
+        self._graphs[key] = graph
+        return graph
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile(mode="reduce-overhead").
+# --------------------------------------------------------------------------------------------
+
+
+def _default_inductor_cache() -> str:
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder:
+        return folder
+    folder = os.path.join(os.path.expanduser("~"), ".cache", "distillpp", "torchinductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # read lazily by inductor at its first compile
+    return folder
+
+
+class CompiledNet:
+    """``torch.compile(net, mode="reduce-overhead")`` with outputs copied out and first-call cost recorded.
+
+    Args:
+        net: the network callable (for an adapter-off teacher, the *inner* network: the adapters are
+            switched off around the compiled call, and dynamo's guards on the adapter flags give that
+            state its own compiled graph).
+        device: where it runs.
+        name: name used in :attr:`records`.
+        records: list capture records are appended to.
+        around: a context-manager factory entered around each call (``AdapterOffNet.adapters_off``).
+    """
+
+    def __init__(self, net: Net, device: torch.device | str, name: str = "net",
+                 records: list[CaptureRecord] | None = None, around: Callable[[], Any] | None = None):
+        self.net = net
+        self.device = torch.device(device)
+        self.name = name
+        self.records = records if records is not None else []
+        self.compiled = torch.compile(net, mode="reduce-overhead", dynamic=False)
+        self.around = around
+        self._seen: set[tuple] = set()
+        self._state = _NetState(net)
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return self._state.module
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> Any:
+        tensors: list[torch.Tensor] = []
+        key = (self.around is not None, self._state.key(), _flatten(((sample, timestep), cond), tensors))
+        first = key not in self._seen
+        cuda = self.device.type == "cuda"
+        if first and cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        if cuda:
+            # Each call is a new step for cudagraph trees: earlier outputs were copied out, so the
+            # graph's output memory may be reused.
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.around is not None:
+            with self.around():
+                out = self.compiled(sample, timestep, **cond)
+        else:
+            out = self.compiled(sample, timestep, **cond)
+        out = _map_tensors(out, torch.Tensor.clone)
+        if first:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            self._seen.add(key)
+            seconds = time.perf_counter() - t0
+            self.records.append(CaptureRecord(self.name, _describe(key[2]), seconds, "inductor"))
+            logger.info("distillpp.accel: compiled %s for %s in %.1f s", self.name, _describe(key[2]), seconds)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# One accelerator per pipeline: the nets of a run, one pool per device, first-call costs.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Accelerator:
+    """Accelerates the networks of one pipeline (student, teacher, adapter-off teacher) alike.
+
+    Keep one per pipeline and call :meth:`wrap` on each network; wrapping the same network again
+    returns the same wrapper, so graphs captured in one pipeline call are replayed in the next.
+
+    Args:
+        mode: ``"none"``, ``"graphs"`` or ``"inductor"`` (``None`` = ``"none"``).
+        device: the execution device (default: the current CUDA device, else CPU).
+        warmup: eager warm-up calls before each graph capture.
+        max_graphs: most graphs per network.
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`COMPILE_MODES` (the message names ``compile``).
+    """
+
+    mode: str = "graphs"
+    device: Any = None
+    warmup: int = 2
+    max_graphs: int = 16
+    records: list[CaptureRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.mode = check_compile(self.mode)
+        if self.device is None:
+            self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
+        self.device = torch.device(self.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.effective_mode = self.mode
+        if self.mode == "graphs" and self.device.type != "cuda":
+            warnings.warn(f"compile='graphs' needs a CUDA device; running eagerly on {self.device}", RuntimeWarning,
+                          stacklevel=3)
+            self.effective_mode = "none"
+        if self.mode == "inductor":
+            cache = _default_inductor_cache()
+            logger.warning("distillpp: compile='inductor' compiles each network on its first call per shape (minutes "
+                           "for an SDXL-size UNet, cached in %s for later runs); compile='graphs' captures in seconds",
+                           cache)
+        self._pools: dict[torch.device, Any] = {}
+        self._wrapped: dict[int, tuple[Any, Any]] = {}
+        self._graphed: list[GraphedNet] = []
+
+    def pool(self, device: torch.device) -> Any:
+        """The graph memory pool shared by every capture on ``device``."""
+        if device not in self._pools:
+            self._pools[device] = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        return self._pools[device]
+
+    def wrap(self, net: Net, name: str | None = None) -> Net:
+        """The accelerated version of ``net(sample, timestep, **cond)`` (``net`` itself for mode ``"none"``).
+
+        A teacher placed on another GPU (:class:`~distillpp.pipelines.base.PlacedNet`) is graphed on
+        its own device; a CPU-offloaded one (:class:`~distillpp.pipelines.base.OffloadedNet`) stays
+        eager, with a notice, because its weights move in per call.
+
+        Args:
+            net: the network callable.
+            name: name for notices and :attr:`records` (default: its class name).
+        """
+        if self.effective_mode == "none":
+            return net
+        hit = self._wrapped.get(id(net))
+        if hit is not None and hit[0] is net:
+            return hit[1]
+        wrapped = self._wrap(net, name or type(net).__name__)
+        self._wrapped[id(net)] = (net, wrapped)  # the strong reference keeps id(net) from being reused
+        return wrapped
+
+    def _wrap(self, net: Net, name: str) -> Net:
+        from .pipelines.base import AdapterOffNet, OffloadedNet, PlacedNet
+
+        if isinstance(net, OffloadedNet):
+            logger.warning("distillpp: the CPU-offloaded %s runs eagerly under compile=%r (its weights are copied in "
+                           "per call, so a captured graph would read stale memory)", name, self.mode)
+            return net
+        if isinstance(net, PlacedNet):
+            if net.device.type != "cuda" and self.effective_mode == "graphs":
+                return net
+            return PlacedNet(self._wrap_on(net.net, name, net.device, None), net.device)
+        return self._wrap_on(net, name, self.device, net if isinstance(net, AdapterOffNet) else None)
+
+    def _wrap_on(self, net: Net, name: str, device: torch.device, adapter_off: Any) -> Net:
+        if self.effective_mode == "graphs":
+            graphed = GraphedNet(net, device, self.pool(device), name, self.warmup, self.max_graphs, self.records)
+            self._graphed.append(graphed)
+            return graphed
+        if adapter_off is not None:
+            # Compile the inner network and switch the adapters around the compiled call: dynamo guards
+            # on the adapter flags, so the adapter-off state gets its own compiled graph.
+            return CompiledNet(adapter_off.net, device, name, self.records, around=adapter_off.adapters_off)
+        return CompiledNet(net, device, name, self.records)
+
+    @property
+    def first_call_s(self) -> float:
+        """Total seconds spent in first calls so far (captures or compiles)."""
+        return sum(r.seconds for r in self.records)
+
+    def reset(self) -> None:
+        """Drop every captured graph of every wrapped network (recaptured on next use)."""
+        for graphed in self._graphed:
+            graphed.reset()
+
+
+def accelerate_net(net: Net, mode: str | None = "graphs", device: Any = None, name: str | None = None) -> Net:
+    """Accelerate one network with its own :class:`Accelerator` (use one Accelerator for several networks).
+
+    Args:
+        net: ``net(sample, timestep, **cond)``.
+        mode: ``"none"``, ``"graphs"`` or ``"inductor"``.
+        device: execution device (default: current CUDA device, else CPU, where ``"graphs"`` falls back).
+        name: name used in notices.
+
+    Raises:
+        ValueError: unknown ``mode`` (the message names ``compile``).
+    """
+    return Accelerator(mode, device).wrap(net, name)

@@ -1,0 +1,250 @@
+"""The GPU fast path's CPU-side logic: mode checks, the CPU fallback, signature keying, graph reuse.
+
+CUDA graphs cannot be captured on the CI machine, so the capture is replaced by a stand-in with the
+same contract (static inputs in, static outputs written by ``replay()``); everything around it
+(keying, static-buffer copies, copy-out, adapter-state keys, recapture after a weight move) is the
+code that runs on the GPU.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import distillpp
+from distillpp.accel import Accelerator, GraphedNet, accelerate_net, check_compile
+from distillpp.denoisers import CFGDenoiser, DiscreteVPDenoiser, unet_fn
+from distillpp.schedules import DiscreteVPSchedule, ddim_sigmas, initial_sample
+from distillpp.zoo.nets import make_unet
+
+
+class FakeCapture:
+    """A CPU stand-in for :func:`distillpp.accel.cuda_capture` that counts captures.
+
+    ``replay()`` recomputes the network on the static inputs and writes the static outputs in place,
+    which is what replaying a CUDA graph does.
+    """
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, net, args, kwargs, device, pool, warmup):
+        self.count += 1
+        outputs = net(*args, **kwargs)
+
+        def replay():
+            outputs.copy_(net(*args, **kwargs))
+
+        return replay, outputs
+
+
+def scaled_net(sample, timestep, scale=1.0, cond=None):
+    out = sample * timestep.reshape(-1, *([1] * (sample.ndim - 1))) * scale
+    if cond is not None:
+        out = out + cond["emb"].mean()
+    return out
+
+
+def graphed(net, capture=None):
+    return GraphedNet(net, "cpu", capture=capture or FakeCapture())
+
+
+def test_compile_mode_is_checked_and_names_the_argument():
+    assert check_compile(None) == "none"
+    for mode in ("none", "graphs", "inductor"):
+        assert check_compile(mode) == mode
+    for bad in ("fast", "", True, 1):
+        with pytest.raises(ValueError, match="compile"):
+            check_compile(bad)
+    with pytest.raises(ValueError, match="compile"):
+        Accelerator("reduce-overhead", "cpu")
+
+
+def test_mode_none_returns_the_network_itself():
+    def net(sample, timestep):
+        return sample
+
+    assert accelerate_net(net, "none", "cpu") is net
+    assert accelerate_net(net, None, "cpu") is net
+
+
+def test_graphs_on_cpu_fall_back_to_eager_with_a_one_line_warning():
+    def net(sample, timestep):
+        return sample
+
+    with pytest.warns(RuntimeWarning, match="compile='graphs' needs a CUDA device") as record:
+        acc = Accelerator("graphs", "cpu")
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert acc.effective_mode == "none"
+    assert acc.wrap(net, "student") is net
+
+
+def test_one_capture_per_signature_and_replays_see_new_values():
+    capture = FakeCapture()
+    g = graphed(scaled_net, capture)
+    x = torch.randn(2, 3, 4, 4)
+    t = torch.tensor([1.0, 2.0])
+    with torch.no_grad():
+        first = g(x, t)
+        torch.testing.assert_close(first, scaled_net(x, t), rtol=0, atol=0)
+        x2, t2 = torch.randn(2, 3, 4, 4), torch.tensor([3.0, 0.5])
+        second = g(x2, t2)
+        assert capture.count == 1 and len(g) == 1
+        torch.testing.assert_close(second, scaled_net(x2, t2), rtol=0, atol=0)
+        # Copied out: the first result was not overwritten by the second replay.
+        torch.testing.assert_close(first, scaled_net(x, t), rtol=0, atol=0)
+        second.add_(1.0)  # mutating a result does not touch the graph's outputs
+        torch.testing.assert_close(g(x2, t2), scaled_net(x2, t2), rtol=0, atol=0)
+        assert capture.count == 1 and g.replays == 3
+
+        g(torch.randn(4, 3, 4, 4), torch.ones(4))  # batch 4 (teacher CFG over batch 2, or K draws)
+        g(x.half(), t)  # dtype
+        g(x, t, scale=2.0)  # a non-tensor argument's value
+        emb = {"emb": torch.randn(2, 5)}
+        out = g(x, t, cond=emb)  # nested conditioning
+        torch.testing.assert_close(out, scaled_net(x, t, cond=emb), rtol=0, atol=0)
+        assert capture.count == 5
+        emb2 = {"emb": torch.randn(2, 5)}
+        torch.testing.assert_close(g(x, t, cond=emb2), scaled_net(x, t, cond=emb2), rtol=0, atol=0)
+        assert capture.count == 5
+
+
+def test_keys_separate_shapes_dtypes_and_values():
+    g = graphed(scaled_net)
+    x, t = torch.randn(1, 4, 8, 8), torch.ones(1)
+    keys = {
+        g.key(x, t),
+        g.key(torch.randn(2, 4, 8, 8), torch.ones(2)),
+        g.key(x.half(), t),
+        g.key(x, t.double()),
+        g.key(x, t, scale=2.0),
+        g.key(x, t, cond={"emb": torch.randn(1, 3)}),
+    }
+    assert len(keys) == 6
+    assert g.key(x, t) == g.key(torch.randn(1, 4, 8, 8), torch.full((1,), 7.0))
+
+
+def test_gradients_enabled_run_eagerly_without_capture():
+    capture = FakeCapture()
+    g = graphed(scaled_net, capture)
+    with torch.enable_grad():
+        g(torch.randn(1, 2), torch.ones(1))
+    assert capture.count == 0 and g.eager_calls == 1
+
+
+def test_failed_capture_warns_once_and_runs_eagerly():
+    def broken(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    g = graphed(scaled_net, broken)
+    x, t = torch.randn(1, 2), torch.ones(1)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="could not capture"):
+            out = g(x, t)
+        torch.testing.assert_close(out, scaled_net(x, t))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            g(x, t)  # remembered as eager: no second attempt, no second warning
+    assert g.eager_calls == 2 and len(g) == 0
+
+
+def test_moved_weights_drop_the_stale_graphs():
+    lin = torch.nn.Linear(3, 3)
+
+    def net(sample, timestep):
+        return lin(sample)
+
+    net.model = lin
+    capture = FakeCapture()
+    g = graphed(net, capture)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        g(x, torch.ones(2))
+        g(x, torch.ones(2))
+        assert capture.count == 1
+        lin.weight.data = lin.weight.data.clone()  # what .to(), offloading or reloading does
+        torch.testing.assert_close(g(x, torch.ones(2)), lin(x))
+    assert capture.count == 2
+
+
+def test_lora_adapter_off_teacher_is_keyed_and_captured_separately():
+    peft = pytest.importorskip("peft")
+    from distillpp.pipelines.base import AdapterOffNet
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), model)
+
+    def net(sample, timestep):
+        return model(sample)
+
+    net.model = model
+    teacher = AdapterOffNet(net, model)
+    student_capture, teacher_capture = FakeCapture(), FakeCapture()
+    student_g = graphed(net, student_capture)
+    teacher_g = graphed(teacher, teacher_capture)
+    x, t = torch.randn(2, 4), torch.ones(2)
+    assert student_g.key(x, t) != teacher_g.key(x, t)
+    with torch.no_grad():
+        on, off = net(x, t), teacher(x, t)
+        assert not torch.allclose(on, off)
+        for _ in range(2):  # interleaved as in guided sampling
+            torch.testing.assert_close(student_g(x, t), on, rtol=0, atol=0)
+            torch.testing.assert_close(teacher_g(x, t), off, rtol=0, atol=0)
+        assert student_g.key(x, t)[0] == ("adapters", ("on", ("default",)))
+        assert teacher_g.key(x, t)[0] == ("adapters", "off")
+        # Switching the adapters off outside the wrapper is a different state, not a stale replay.
+        key_on = student_g.key(x, t)
+        for layer in teacher._layers:
+            layer.enable_adapters(False)
+        assert student_g.key(x, t) != key_on
+        torch.testing.assert_close(student_g(x, t), off, rtol=0, atol=0)
+    assert student_capture.count == 2 and teacher_capture.count == 1
+
+
+def test_guided_sampling_through_graphed_nets_equals_eager():
+    """Student and CFG teacher (batch-2 forward, K=2 draws) replayed from stand-in graphs: bit-identical."""
+    torch.manual_seed(0)
+    unet_s, unet_t = make_unet(tiny=True).eval(), make_unet(tiny=True).eval()
+    schedule = DiscreteVPSchedule.from_betas(beta_schedule="linear")
+    sigmas = ddim_sigmas(schedule, 3, timestep_spacing="trailing")
+    labels = torch.tensor([1, 7])
+    args = {"class_labels": labels}
+    t_args = {"cond": {"class_labels": labels}, "uncond": {"class_labels": torch.full_like(labels, 10)}}
+    guidance = distillpp.TeacherGuidance(strength=0.3, guided_steps=2, samples=2)
+
+    def run(student_net, teacher_net):
+        student = DiscreteVPDenoiser(student_net, schedule)
+        teacher = CFGDenoiser(DiscreteVPDenoiser(teacher_net, schedule), scale=2.0)
+        gen = torch.Generator().manual_seed(3)
+        x = initial_sample(torch.randn(2, 1, 32, 32, generator=gen), sigmas, "vp")
+        return distillpp.sample(student, x, sigmas, sampler="ddim", teacher=teacher, guidance=guidance,
+                                generator=gen, extra_args=args, teacher_args=t_args)
+
+    eager = run(unet_fn(unet_s), unet_fn(unet_t))
+    s_cap, t_cap = FakeCapture(), FakeCapture()
+    fast = run(GraphedNet(unet_fn(unet_s), "cpu", name="student", capture=s_cap),
+               GraphedNet(unet_fn(unet_t), "cpu", name="teacher", capture=t_cap))
+    torch.testing.assert_close(fast, eager, rtol=0, atol=0)
+    assert s_cap.count == 1  # batch 2 at every step
+    assert t_cap.count == 1  # CFG x K draws: one batch-8 signature
+
+
+def test_accelerator_reuses_wrappers_and_keeps_offloaded_teachers_eager(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    from distillpp.accel import CompiledNet
+    from distillpp.pipelines.base import OffloadedNet, PlacedNet
+
+    lin = torch.nn.Linear(2, 2)
+
+    def net(sample, timestep):
+        return lin(sample)
+
+    acc = Accelerator("inductor", "cpu")  # wrapping compiles nothing yet
+    wrapped = acc.wrap(net, "student")
+    assert isinstance(wrapped, CompiledNet) and acc.wrap(net) is wrapped
+    offloaded = OffloadedNet(net, torch.nn.Linear(2, 2), "cpu", pin_memory=False)
+    assert acc.wrap(offloaded, "teacher") is offloaded
+    placed = acc.wrap(PlacedNet(net, "cpu"), "teacher")
+    assert isinstance(placed, PlacedNet) and isinstance(placed.net, CompiledNet)
+    assert acc.first_call_s == 0.0
