@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "testbed": ("distillpp.testbed", "teacher guidance on an exact Gaussian-mixture teacher: table + PNG"),
     "generate": ("distillpp.pipelines.cli", "text-to-image with a diffusers student preset, guided by its teacher"),
     "train": ("distillpp.zoo.train", "train the Fashion-MNIST teacher, students and classifier"),
+    "batch": ("distillpp.batch", "many images from a preset: deterministic, resumable, over torchrun or Ray"),
+    "eval": ("distillpp.evaluate_cli", "FID, precision/recall (and CLIP score) of a folder of images"),
 }
 
 
