@@ -1,22 +1,26 @@
-"""Named student/teacher pairs with their reference settings (SPEC section 5), and a registry.
+"""Named student/teacher pairs with their settings, and a registry.
 
 A :class:`Preset` is data: which weights make the student and the teacher, which scheduler the
-student samples with, and the default guidance knobs. Each model family registers a loader
-(:func:`register_family`) that turns a preset into a pipeline; :func:`from_preset` dispatches on
-``preset.family``. Other modules (e.g. :mod:`distillpp.pipelines.flow`) add presets with
-:func:`register_preset`.
+student samples with, and the default guidance knobs (a :class:`~distillpp.TeacherGuidance`).
+Each model family module registers a loader (:func:`register_family`) and its presets
+(:func:`register_preset`); :func:`from_preset` dispatches on ``preset.family``.
 
-Guidance defaults come from the authors' reference code (SPEC section 5). Presets whose student is
-not in that table (Hyper-SD) borrow the values of the closest solver and say so in ``notes``.
+Guidance defaults of the diffusers presets are the values seen in the authors' reference code
+(docs/method.md, "Reference settings"); they were not validated on real weights here. Presets whose
+student is not in that table (Hyper-SD) borrow the values of the closest solver and say so in ``notes``.
+A preset-override file (JSON) adjusts a preset without code; see :func:`load_overrides`.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
-from .base import GuidanceDefaults, WeightsRef
+from ..guidance import TeacherGuidance
+from .weights import WeightsRef
 
 __all__ = [
     "Preset",
@@ -27,6 +31,8 @@ __all__ = [
     "register_family",
     "from_preset",
     "FAMILY_MODULES",
+    "load_overrides",
+    "OVERRIDABLE",
 ]
 
 
@@ -37,7 +43,7 @@ class Preset:
     Attributes:
         name: registry key, e.g. ``"sdxl-lightning-4step-lora"``.
         family: model family, selects the loader: ``"sd15"``, ``"sd2"``, ``"sdxl"`` (:mod:`.sd`);
-            ``"flux"``, ``"sd3"`` (:mod:`.flow`).
+            ``"flux"``, ``"sd3"`` (:mod:`.flow`); ``"pixart"`` (:mod:`.pixart`); ``"zoo"`` (:mod:`.zoo`).
         base: repo (or folder) of the diffusers pipeline that provides text encoders, tokenizers, VAE
             and scheduler config; for ``student_kind="pipeline"`` it is the student itself.
         student_kind: ``"lora"`` (adapter on the base model), ``"unet"`` (a replacement denoising
@@ -46,7 +52,7 @@ class Preset:
         student: the student weights (``None`` for ``"pipeline"``).
         teacher: repo/folder of the teacher (its ``unet``/``transformer`` and ``scheduler`` subfolders),
             ``"base"`` for the base pipeline's own network, or ``"adapter-off"`` (LoRA students: the
-            same network with the adapter disabled).
+            same network with the adapter disabled), or ``"none"`` (the student alone).
         scheduler: diffusers scheduler class the student samples with.
         scheduler_config: overrides applied to the base scheduler config (``timestep_spacing``...).
         num_inference_steps: student steps.
@@ -72,7 +78,7 @@ class Preset:
     num_inference_steps: int = 4
     timesteps: tuple[int, ...] | None = None
     guidance_scale: float = 0.0
-    guidance: GuidanceDefaults = GuidanceDefaults()
+    guidance: TeacherGuidance = TeacherGuidance(strength=0.05, guided_steps=1, space="x0", teacher_cfg=7.5)
     height: int = 1024
     width: int = 1024
     variant: str | None = "fp16"
@@ -89,9 +95,21 @@ class Preset:
             raise ValueError(f"preset {self.name}: teacher='adapter-off' needs a LoRA student")
 
     def with_overrides(self, **changes: Any) -> "Preset":
-        """A copy with some fields replaced (``guidance`` accepts a dict of knob overrides)."""
+        """A copy with some fields replaced (``guidance`` accepts a dict of knob overrides).
+
+        Raises:
+            ValueError: an unknown field or guidance knob, or an invalid value (naming it).
+        """
+        unknown = set(changes) - {f for f in self.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown preset fields {sorted(unknown)}; overridable: {', '.join(OVERRIDABLE)}")
         if isinstance(changes.get("guidance"), Mapping):
-            changes["guidance"] = replace(self.guidance, **changes["guidance"])
+            knobs = dict(changes["guidance"])
+            bad = set(knobs) - set(TeacherGuidance.__dataclass_fields__) - {"steps"}
+            if bad:
+                raise ValueError(f"unknown guidance knobs {sorted(bad)}; knobs: "
+                                 f"{', '.join(TeacherGuidance.__dataclass_fields__)}")
+            changes["guidance"] = replace(self.guidance, **knobs)
         return replace(self, **changes)
 
 
@@ -104,7 +122,11 @@ FAMILY_MODULES: dict[str, str] = {
     "sdxl": "distillpp.pipelines.sd",
     "flux": "distillpp.pipelines.flow",
     "sd3": "distillpp.pipelines.flow",
+    "pixart": "distillpp.pipelines.pixart",
+    "zoo": "distillpp.pipelines.zoo",
 }
+# Preset fields an override file may change.
+OVERRIDABLE = ("guidance", "num_inference_steps", "timesteps", "guidance_scale", "height", "width")
 _LOADERS: dict[str, Callable[..., Any]] = {}
 _FAMILIES_IMPORTED = False
 
@@ -158,19 +180,56 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def from_preset(name: str | Preset, **kwargs: Any) -> Any:
+def load_overrides(overrides: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a preset-override file (or mapping): ``{"preset": NAME?, "guidance": {knobs}, FIELD: value}``.
+
+    ``distillpp tune`` writes such files; ``generate``, ``batch`` and the UI accept them. Only the fields in
+    :data:`OVERRIDABLE` may be given; ``"preset"`` (optional) names the preset the file was made for.
+
+    Raises:
+        ValueError: unreadable JSON, unknown fields (naming them).
+    """
+    if isinstance(overrides, Mapping):
+        data = dict(overrides)
+    else:
+        try:
+            with open(overrides, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"overrides file {os.fspath(overrides)!r} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("overrides must be a JSON object with 'guidance' and preset fields")
+    unknown = set(data) - set(OVERRIDABLE) - {"preset"}
+    if unknown:
+        raise ValueError(f"overrides has unknown fields {sorted(unknown)}; allowed: preset, {', '.join(OVERRIDABLE)}")
+    if "timesteps" in data and data["timesteps"] is not None:
+        data["timesteps"] = tuple(data["timesteps"])
+    return data
+
+
+def from_preset(name: str | Preset, overrides: str | os.PathLike | Mapping[str, Any] | None = None,
+                **kwargs: Any) -> Any:
     """Load the pipeline of a preset with its family's loader.
 
     Args:
         name: a preset name or a :class:`Preset`.
+        overrides: a preset-override file or mapping (see :func:`load_overrides`) applied first.
         **kwargs: loader options: ``base=``, ``student=``, ``teacher=`` (local folders or ids that
             override the preset's), ``torch_dtype=``, ``device=``, ``download=`` (default ``False``:
-            local files and the Hugging Face cache only), ``teacher_device=``, ``teacher_offload=``.
+            local files and the Hugging Face cache only), ``teacher_device=``, ``teacher_offload=``,
+            ``compile=`` (``"none"``, ``"graphs"``, ``"inductor"``).
 
     Raises:
+        ValueError: unknown preset, or an override file that names another preset or unknown fields.
         MissingWeightsError: weights are missing (the message lists them and how to get them).
     """
     preset = get_preset(name) if isinstance(name, str) else name
+    if overrides is not None:
+        data = load_overrides(overrides)
+        made_for = data.pop("preset", None)
+        if made_for is not None and made_for != preset.name:
+            raise ValueError(f"overrides were made for preset {made_for!r}, not {preset.name!r}")
+        preset = preset.with_overrides(**data)
     if preset.family not in _LOADERS:
         _import_families()
     if preset.family not in _LOADERS:
@@ -187,14 +246,15 @@ SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 _TRAILING = {"timestep_spacing": "trailing"}
 
-# SPEC section 5: LCM (SDXL): consistency, lam 0.01 in eps space, 1-2 guided steps, teacher CFG 8.
-_LCM = GuidanceDefaults(strength=0.01, guided_steps=1, space="eps", teacher_cfg=8.0)
+# Reference settings (docs/method.md): LCM (SDXL): consistency, lam 0.01 in eps space, 1-2 guided
+# steps, teacher CFG 8.
+_LCM = TeacherGuidance(strength=0.01, guided_steps=1, space="eps", teacher_cfg=8.0)
 # LCM-LoRA: lam 0.01-0.02 in eps space, 1 guided step, teacher CFG 3-8.
-_LCM_LORA = GuidanceDefaults(strength=0.02, guided_steps=1, space="eps", teacher_cfg=7.5)
+_LCM_LORA = TeacherGuidance(strength=0.02, guided_steps=1, space="eps", teacher_cfg=7.5)
 # DMD2: lam 0.01 in eps space, 2 guided steps, teacher CFG 7.5.
-_DMD2 = GuidanceDefaults(strength=0.01, guided_steps=2, space="eps", teacher_cfg=7.5)
+_DMD2 = TeacherGuidance(strength=0.01, guided_steps=2, space="eps", teacher_cfg=7.5)
 # SDXL-Lightning / Turbo: Euler (ancestral), lam 0.03-0.1 in x0 space, 1-2 guided steps, CFG 7.5.
-_EULER_X0 = GuidanceDefaults(strength=0.05, guided_steps=1, space="x0", teacher_cfg=7.5)
+_EULER_X0 = TeacherGuidance(strength=0.05, guided_steps=1, space="x0", teacher_cfg=7.5)
 
 register_preset(Preset(
     name="sd15-lcm", family="sd15", base="SimianLuo/LCM_Dreamshaper_v7", student_kind="pipeline", student=None,
@@ -207,20 +267,20 @@ register_preset(Preset(
     student=WeightsRef("latent-consistency/lcm-sdxl", role="student UNet",
                        allow_patterns=("config.json", "*.fp16.safetensors")),
     teacher="base", scheduler="LCMScheduler", num_inference_steps=4, guidance_scale=8.0, guidance=_LCM,
-    notes="SPEC section 5, LCM (SDXL) row.",
+    notes="Reference settings, LCM (SDXL) row.",
 ))
 register_preset(Preset(
     name="sd15-lcm-lora", family="sd15", base=SD15_BASE, student_kind="lora",
     student=WeightsRef("latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors", role="student LoRA"),
     teacher="adapter-off", scheduler="LCMScheduler", num_inference_steps=4, guidance_scale=1.0,
     guidance=_LCM_LORA, height=512, width=512, variant=None,
-    notes="SPEC section 5, LCM-LoRA row (SDXL values reused for SD1.5).",
+    notes="Reference settings, LCM-LoRA row (SDXL values reused for SD1.5).",
 ))
 register_preset(Preset(
     name="sdxl-lcm-lora", family="sdxl", base=SDXL_BASE, student_kind="lora",
     student=WeightsRef("latent-consistency/lcm-lora-sdxl", "pytorch_lora_weights.safetensors", role="student LoRA"),
     teacher="adapter-off", scheduler="LCMScheduler", num_inference_steps=4, guidance_scale=1.0,
-    guidance=_LCM_LORA, notes="SPEC section 5, LCM-LoRA (SDXL) row.",
+    guidance=_LCM_LORA, notes="Reference settings, LCM-LoRA (SDXL) row.",
 ))
 for _n in (2, 4, 8):
     register_preset(Preset(
@@ -228,7 +288,7 @@ for _n in (2, 4, 8):
         student=WeightsRef("ByteDance/SDXL-Lightning", f"sdxl_lightning_{_n}step_unet.safetensors",
                            role="student UNet"),
         teacher="base", scheduler="EulerDiscreteScheduler", scheduler_config=_TRAILING, num_inference_steps=_n,
-        guidance_scale=0.0, guidance=_EULER_X0, notes="SPEC section 5, SDXL-Lightning row; Euler, trailing.",
+        guidance_scale=0.0, guidance=_EULER_X0, notes="Reference settings, SDXL-Lightning row; Euler, trailing.",
     ))
     register_preset(Preset(
         name=f"sdxl-lightning-{_n}step-lora", family="sdxl", base=SDXL_BASE, student_kind="lora",
@@ -236,31 +296,31 @@ for _n in (2, 4, 8):
                            role="student LoRA"),
         teacher="adapter-off", scheduler="EulerDiscreteScheduler", scheduler_config=_TRAILING,
         num_inference_steps=_n, guidance_scale=0.0, guidance=_EULER_X0,
-        notes="SPEC section 5, SDXL-Lightning LoRA row; Euler, trailing.",
+        notes="Reference settings, SDXL-Lightning LoRA row; Euler, trailing.",
     ))
 register_preset(Preset(
     name="sdxl-dmd2-4step", family="sdxl", base=SDXL_BASE, student_kind="unet",
     student=WeightsRef("tianweiy/DMD2", "dmd2_sdxl_4step_unet_fp16.bin", role="student UNet"),
     teacher="base", scheduler="LCMScheduler", num_inference_steps=4, timesteps=(999, 749, 499, 249),
-    guidance_scale=0.0, guidance=_DMD2, notes="SPEC section 5, DMD2 row; multistep consistency at 999/749/499/249.",
+    guidance_scale=0.0, guidance=_DMD2, notes="Reference settings, DMD2 row; multistep consistency at 999/749/499/249.",
 ))
 register_preset(Preset(
     name="sdxl-dmd2-4step-lora", family="sdxl", base=SDXL_BASE, student_kind="lora",
     student=WeightsRef("tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors", role="student LoRA"),
     teacher="adapter-off", scheduler="LCMScheduler", num_inference_steps=4, timesteps=(999, 749, 499, 249),
-    guidance_scale=0.0, guidance=_DMD2, notes="SPEC section 5, DMD2 row (LoRA variant).",
+    guidance_scale=0.0, guidance=_DMD2, notes="Reference settings, DMD2 row (LoRA variant).",
 ))
 register_preset(Preset(
     name="sdxl-turbo", family="sdxl", base="stabilityai/sdxl-turbo", student_kind="pipeline", student=None,
     teacher=SDXL_BASE, scheduler="EulerAncestralDiscreteScheduler", scheduler_config=_TRAILING,
     num_inference_steps=4, guidance_scale=0.0, guidance=_EULER_X0, height=512, width=512,
-    notes="SPEC section 5, SDXL-Turbo row; Euler ancestral, trailing, 512px like the student.",
+    notes="Reference settings, SDXL-Turbo row; Euler ancestral, trailing, 512px like the student.",
 ))
 register_preset(Preset(
     name="sd-turbo", family="sd2", base="stabilityai/sd-turbo", student_kind="pipeline", student=None,
     teacher="stabilityai/stable-diffusion-2-1-base", scheduler="EulerAncestralDiscreteScheduler",
     scheduler_config=_TRAILING, num_inference_steps=4, guidance_scale=0.0, guidance=_EULER_X0, height=512,
-    width=512, notes="SDXL-Turbo row of SPEC section 5 reused; SD-Turbo is distilled from SD 2.1; the 512px "
+    width=512, notes="SDXL-Turbo row of the reference settings reused; SD-Turbo is distilled from SD 2.1; the 512px "
     "epsilon-prediction base is the teacher (teacher='stabilityai/stable-diffusion-2-1': the 768px v-prediction one).",
 ))
 for _n in (4, 8):

@@ -46,6 +46,9 @@ from .data import NULL_LABEL
 
 __all__ = [
     "ZOO_NAMES",
+    "CLASS_NAMES",
+    "NULL_LABEL",
+    "TEACHER_OF",
     "MODELS_DIR",
     "TEACHER_CFG",
     "ZooModel",
@@ -57,6 +60,10 @@ __all__ = [
 ]
 
 ZOO_NAMES = ("teacher", "lcm", "pd", "flow-teacher", "flow-student")
+# Fashion-MNIST's classes, by label; prompts of the zoo presets.
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+# Each student's teacher.
+TEACHER_OF = {"lcm": "teacher", "pd": "teacher", "flow-student": "flow-teacher"}
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 # The teachers' CFG scale w in D_u + w (D_c - D_u); the students were distilled with it baked in.
 TEACHER_CFG = 2.0
