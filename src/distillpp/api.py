@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+import warnings
 from typing import Any, Callable
 
 import torch
 
-from .guidance import TeacherGuidance
+from .denoisers import CFGDenoiser
+from .guidance import TeacherGuidance, as_number
 from .samplers import SAMPLERS
 
-__all__ = ["sample", "check_sigmas"]
+__all__ = ["sample", "check_sigmas", "check_sampler_options"]
 
 
 def check_sigmas(sigmas: Any) -> torch.Tensor:
     """Validate a sigma grid: a 1-D tensor, strictly descending, positive, ending in exactly 0."""
     if not isinstance(sigmas, torch.Tensor):
         raise ValueError(f"sigmas must be a 1-D torch.Tensor, got {type(sigmas).__name__}")
+    if sigmas.dtype not in (torch.float32, torch.float64):
+        # A bf16/fp16 grid rounds the sigmas themselves, and a discrete model then looks up a
+        # neighbouring timestep (LCM's 759 becomes 758); samples may be half precision, sigmas not.
+        raise ValueError(
+            f"sigmas must be float32 or float64, got {sigmas.dtype}; keep the grid in float32 and cast x instead"
+        )
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got shape {tuple(sigmas.shape)}")
     if not torch.isfinite(sigmas).all():
@@ -27,6 +37,90 @@ def check_sigmas(sigmas: Any) -> torch.Tensor:
     if not (sigmas[1:] < sigmas[:-1]).all():
         raise ValueError(f"sigmas must be strictly descending, got {sigmas.tolist()}")
     return sigmas
+
+
+# Keyword arguments every sampler takes from sample() itself; the rest of its signature are solver knobs.
+_SAMPLE_ARGS = ("model", "x", "sigmas", "extra_args", "callback", "disable", "generator", "guide")
+
+
+def check_sampler_options(sampler: str, options: dict[str, Any]) -> None:
+    """Refuse solver knobs ``sampler`` does not take, and a NaN, infinite or negative ``eta`` / ``s_noise``.
+
+    Other knobs are checked by their sampler.
+
+    Args:
+        sampler: a key of :data:`distillpp.samplers.SAMPLERS`.
+        options: the ``**sampler_kwargs`` given to :func:`sample`.
+    """
+    accepted = [n for n in inspect.signature(SAMPLERS[sampler]).parameters if n not in _SAMPLE_ARGS]
+    for name, value in options.items():
+        if name not in accepted:
+            raise ValueError(
+                f"sampler {sampler!r} takes no option {name!r}; its options: {', '.join(accepted) or 'none'}"
+            )
+        if name in ("eta", "s_noise"):  # a NaN or negative one gives NaN samples with no error
+            v = as_number(value, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_teacher_cfg(teacher: Any, guidance: TeacherGuidance, teacher_args: Any) -> None:
+    """A CFG teacher asked for a scale != 1 without ``cond``/``uncond`` would silently run conditional-only."""
+    if not isinstance(teacher, CFGDenoiser):
+        return
+    scale = guidance.teacher_cfg if guidance.teacher_cfg is not None else teacher.scale
+    if scale == 1.0:
+        return
+    if not (isinstance(teacher_args, dict) and "cond" in teacher_args and "uncond" in teacher_args):
+        keys = sorted(teacher_args) if isinstance(teacher_args, dict) else teacher_args
+        raise ValueError(
+            f"teacher_args must hold 'cond' and 'uncond' conditioning dicts for a CFGDenoiser teacher with CFG "
+            f"scale {scale:g} (else it runs without CFG); got {keys!r} (teacher_args defaults to extra_args). "
+            "Pass teacher_cfg=1 to run the teacher conditional-only"
+        )
+
+
+def _warn_if_unguided(teacher: Any, guidance: TeacherGuidance | None) -> None:
+    """Half of a guided call samples with the student alone (the API contract); say so rather than stay silent."""
+    active = guidance is not None and guidance.guided_steps > 0 and guidance.strength != 0.0
+    if active and teacher is None:
+        warnings.warn("guidance= was given without teacher=: sampling with the student alone, unguided "
+                      "(pass teacher= to guide, or guidance=None to silence this)", UserWarning, stacklevel=3)
+    elif teacher is not None and guidance is None:
+        warnings.warn("teacher= was given without guidance=: sampling with the student alone, unguided "
+                      "(pass guidance=TeacherGuidance(...) to guide, or teacher=None to silence this)",
+                      UserWarning, stacklevel=3)
+
+
+class _ShapeCheckedStudent:
+    """The student, with its first output's shape compared to its input's.
+
+    A student returning e.g. ``[B, 1, H, W]`` for a ``[B, C, H, W]`` sample would broadcast through
+    every solver update and give a "valid" result of the wrong content; once the first call matches,
+    later calls pass straight through.
+    """
+
+    def __init__(self, student: Callable[..., torch.Tensor]):
+        self.student = student
+        self.checked = False
+
+    def __getattr__(self, name: str) -> Any:  # schedule, dtype, ... of the wrapped denoiser
+        if name == "student":  # not yet set (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.student, name)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        out = self.student(x, sigma, **cond)
+        if not self.checked:
+            x0 = out[0] if isinstance(out, tuple) else out  # (x0, x0_uncond) when a CFG++ sampler asks
+            if not isinstance(x0, torch.Tensor) or tuple(x0.shape) != tuple(x.shape):
+                got = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+                raise ValueError(
+                    f"student output {got} differs from its input's shape {tuple(x.shape)}; a denoiser "
+                    "D(x, sigma) must return an x0 estimate shaped like x"
+                )
+            self.checked = True
+        return out
 
 
 def sample(
@@ -51,7 +145,9 @@ def sample(
         sigmas: descending noise levels ending in 0.
         sampler: ``"euler"``, ``"euler_ancestral"``, ``"consistency"``, ``"ddim"`` or ``"dpmpp_2s_ancestral"``.
         teacher: teacher denoiser; ``None`` samples with the student alone.
-        guidance: :class:`TeacherGuidance` knobs; ``None`` samples with the student alone.
+        guidance: :class:`TeacherGuidance` knobs; ``None`` samples with the student alone. Giving only
+            one of ``teacher`` and ``guidance`` samples unguided and emits a ``UserWarning`` naming the
+            missing one (no warning for guidance that guides nothing: strength 0 or no guided steps).
         generator: ``torch.Generator`` for every random draw (sampler noise and teacher re-noising).
         extra_args: conditioning for the student.
         teacher_args: conditioning for the teacher (defaults to ``extra_args``).
@@ -61,9 +157,12 @@ def sample(
         **sampler_kwargs: solver knobs, e.g. ``eta`` for ``ddim``/ancestral samplers.
 
     Raises:
-        ValueError: on invalid arguments, before any model call.
+        ValueError: on invalid arguments, before any model call (among them: half-precision sigmas, an
+            unknown or NaN solver knob, a ``CFGDenoiser`` teacher with CFG scale != 1 whose
+            ``teacher_args`` lack ``cond``/``uncond``); and at the first student call when its output's
+            shape differs from ``x``'s.
     """
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(repr(s) for s in SAMPLERS)}; got {sampler!r}")
     if not callable(student):
         raise ValueError("student must be a callable denoiser D(x, sigma, **cond)")
@@ -76,6 +175,19 @@ def sample(
         raise ValueError("teacher must be a callable denoiser D(x, sigma, **cond) or None")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    for name, value in (("extra_args", extra_args), ("teacher_args", teacher_args)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{name} must be a dict of conditioning keyword arguments or None, got "
+                             f"{type(value).__name__}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
+    check_sampler_options(sampler, sampler_kwargs)
+    _warn_if_unguided(teacher, guidance)
+    if teacher is not None and guidance is not None:
+        _check_teacher_cfg(teacher, guidance, extra_args if teacher_args is None else teacher_args)
+    student = _ShapeCheckedStudent(student)
     sigmas = sigmas.to(x.device)
     guide = None
     if teacher is not None and guidance is not None:

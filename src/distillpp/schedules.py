@@ -65,10 +65,37 @@ class DiscreteVPSchedule:
         beta_schedule: str = "scaled_linear",
         trained_betas: Sequence[float] | None = None,
     ) -> "DiscreteVPSchedule":
-        """Build the table the way diffusers' schedulers do (betas in float32)."""
+        """Build the table the way diffusers' schedulers do (betas in float32).
+
+        Args:
+            num_train_timesteps: length of the table, an integer >= 1.
+            beta_start, beta_end: first and last beta, ``0 < beta_start <= beta_end < 1``.
+            beta_schedule: ``"linear"``, ``"scaled_linear"`` (SD) or ``"squaredcos_cap_v2"``.
+            trained_betas: explicit betas in (0, 1), ending no lower than they start (overrides the rest).
+
+        Raises:
+            ValueError: naming the argument, for values that would give infinite or NaN sigmas
+                (betas outside (0, 1), an empty table) or a reversed schedule.
+        """
+        from .guidance import as_count, as_number  # guidance imports this module
+
         if trained_betas is not None:
-            betas = torch.tensor(trained_betas, dtype=torch.float32)
-        elif beta_schedule == "linear":
+            try:
+                betas = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise ValueError(f"trained_betas must be a sequence of numbers, got {trained_betas!r}") from None
+            if betas.ndim != 1 or betas.numel() < 1 or not ((betas > 0) & (betas < 1)).all():
+                raise ValueError("trained_betas must be a non-empty 1-D sequence of betas in (0, 1)")
+            if betas[0] > betas[-1]:
+                raise ValueError("trained_betas must not decrease from first to last (reversed schedule?)")
+            return cls(torch.cumprod(1.0 - betas, dim=0))
+        num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 1)
+        beta_start, beta_end = as_number(beta_start, "beta_start"), as_number(beta_end, "beta_end")
+        if not 0 < beta_start <= beta_end < 1:  # also refuses NaN
+            raise ValueError(
+                f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}"
+            )
+        if beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
         elif beta_schedule == "scaled_linear":
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
@@ -148,7 +175,11 @@ def _append_zero(sigmas: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def _spaced_timesteps(n: int, T: int, spacing: str, steps_offset: int, rounded: bool) -> np.ndarray:
-    if n < 1 or n > T:
+    from .guidance import as_count  # guidance imports this module
+
+    n = as_count(n, "num_inference_steps", 1)
+    steps_offset = as_count(steps_offset, "steps_offset", 0)
+    if n > T:
         raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
     if spacing == "linspace":
         t = np.linspace(0, T - 1, n, dtype=np.float64)[::-1]
@@ -218,7 +249,11 @@ def lcm_sigmas(
     original_inference_steps: int = 50,
 ) -> torch.Tensor:
     """Sigmas of ``LCMScheduler``: ``num_inference_steps`` evenly indexed from the 50-step LCM grid."""
+    from .guidance import as_count  # guidance imports this module
+
     T = schedule.num_train_timesteps
+    original_inference_steps = as_count(original_inference_steps, "original_inference_steps", 1)
+    num_inference_steps = as_count(num_inference_steps, "num_inference_steps", 1)
     if not 1 <= original_inference_steps <= T:
         raise ValueError(f"original_inference_steps must be in [1, {T}], got {original_inference_steps}")
     if not 1 <= num_inference_steps <= original_inference_steps:
@@ -234,8 +269,15 @@ def lcm_sigmas(
 
 def timestep_sigmas(schedule: DiscreteVPSchedule, timesteps: Sequence[int]) -> torch.Tensor:
     """Sigmas at explicit integer timesteps, e.g. DMD2's ``[999, 749, 499, 249]``."""
-    ts = [int(t) for t in timesteps]
+    from .guidance import as_count  # guidance imports this module
+
     T = schedule.num_train_timesteps
+    try:
+        ts = [as_count(t, "timesteps", 0) for t in timesteps]
+    except (TypeError, ValueError):  # a float like 249.7 is refused, not truncated
+        raise ValueError(
+            f"timesteps must be a non-empty list of integers in [0, {T - 1}], got {timesteps!r}"
+        ) from None
     if not ts or any(not 0 <= t < T for t in ts):
         raise ValueError(f"timesteps must be a non-empty list of integers in [0, {T - 1}], got {list(timesteps)}")
     if any(b >= a for a, b in zip(ts, ts[1:])):
@@ -244,11 +286,22 @@ def timestep_sigmas(schedule: DiscreteVPSchedule, timesteps: Sequence[int]) -> t
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. (2022) grid: ``n`` sigmas from sigma_max to sigma_min, then 0."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 < sigma_min < sigma_max:
+    """Karras et al. (2022) grid: ``n`` sigmas from sigma_max to sigma_min, then 0.
+
+    Args:
+        sigma_min, sigma_max: the range, ``0 < sigma_min < sigma_max`` (finite).
+        n: number of positive sigmas, an integer >= 1.
+        rho: the ramp's exponent, finite and > 0 (7 in the paper).
+    """
+    from .guidance import as_count, as_number  # guidance imports this module
+
+    n = as_count(n, "n", 1)
+    sigma_min, sigma_max = as_number(sigma_min, "sigma_min"), as_number(sigma_max, "sigma_max")
+    rho = as_number(rho, "rho")
+    if not 0 < sigma_min < sigma_max < math.inf:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if not 0 < rho < math.inf:
+        raise ValueError(f"rho must be a finite number > 0, got {rho}")
     ramp = np.linspace(0, 1, n)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _append_zero((hi + ramp * (lo - hi)) ** rho)
@@ -329,8 +382,14 @@ def flow_sigmas(
         mu: required with dynamic shifting (see :func:`flow_time_shift_mu`).
         return_flow_times: return the flow times ``s`` (ending in 0) instead of VE sigmas.
     """
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    from .guidance import as_count, as_number  # guidance imports this module
+
+    num_inference_steps = as_count(num_inference_steps, "num_inference_steps", 1)
+    num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 1)
+    if not 0 < as_number(shift, "shift") < math.inf:
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    if mu is not None and not math.isfinite(as_number(mu, "mu")):
+        raise ValueError(f"mu must be a finite number, got {mu!r}")
     if use_dynamic_shifting and mu is None:
         raise ValueError("mu must be given when use_dynamic_shifting=True (see flow_time_shift_mu)")
     T = num_train_timesteps

@@ -64,8 +64,9 @@ def run_config(student: GaussianMixture, sampler: str, guidance: TeacherGuidance
     sigmas = default_sigmas() if sigmas is None else sigmas
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 2, generator=gen, dtype=torch.float64) * float(sigmas[0])
+    teacher = GaussianMixtureDenoiser(TRUE_MIXTURE) if guidance is not None else None
     out = sample(GaussianMixtureDenoiser(student), x, sigmas, sampler=sampler,
-                 teacher=GaussianMixtureDenoiser(TRUE_MIXTURE), guidance=guidance, generator=gen)
+                 teacher=teacher, guidance=guidance, generator=gen)
     tv = 0.5 * float((mode_weights(out, TRUE_MIXTURE) - TRUE_MIXTURE.weights).abs().sum())
     return out, energy_distance(out, reference), tv
 
