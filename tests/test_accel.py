@@ -169,7 +169,9 @@ def test_moved_weights_drop_the_stale_graphs():
 
 def test_lora_adapter_off_teacher_is_keyed_and_captured_separately():
     peft = pytest.importorskip("peft")
-    from distillpp.pipelines.base import AdapterOffNet
+    from distillpp.accel import _wrapper_classes
+
+    AdapterOffNet = _wrapper_classes()[0]
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -232,8 +234,9 @@ def test_guided_sampling_through_graphed_nets_equals_eager():
 
 def test_accelerator_reuses_wrappers_and_keeps_offloaded_teachers_eager(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    from distillpp.accel import CompiledNet
-    from distillpp.pipelines.base import OffloadedNet, PlacedNet
+    from distillpp.accel import CompiledNet, _wrapper_classes
+
+    _, OffloadedNet, PlacedNet = _wrapper_classes()
 
     lin = torch.nn.Linear(2, 2)
 
@@ -248,3 +251,19 @@ def test_accelerator_reuses_wrappers_and_keeps_offloaded_teachers_eager(monkeypa
     placed = acc.wrap(PlacedNet(net, "cpu"), "teacher")
     assert isinstance(placed, PlacedNet) and isinstance(placed.net, CompiledNet)
     assert acc.first_call_s == 0.0
+
+
+def test_accelerate_net_takes_the_module_device_and_shares_one_pool_per_device():
+    from distillpp.accel import shared_accelerator
+
+    lin = torch.nn.Linear(2, 2)
+
+    def net(sample, timestep):
+        return lin(sample)
+
+    assert accelerate_net(net, "none", module=lin) is net
+    with pytest.warns(RuntimeWarning, match="needs a CUDA device"):
+        assert accelerate_net(net, "graphs", module=lin) is net  # the module is on the CPU
+    assert shared_accelerator("graphs", "cpu") is shared_accelerator("graphs", torch.device("cpu"))
+    with pytest.raises(ValueError, match="compile"):
+        accelerate_net(net, "cudagraphs", module=lin)

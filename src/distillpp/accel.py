@@ -44,7 +44,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["COMPILE_MODES", "check_compile", "Accelerator", "GraphedNet", "CompiledNet", "accelerate_net",
-           "CaptureRecord"]
+           "CaptureRecord", "shared_accelerator"]
 
 COMPILE_MODES = ("none", "graphs", "inductor")
 
@@ -152,10 +152,18 @@ def _tuner_layers(module: torch.nn.Module | None) -> list[torch.nn.Module]:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def _is_adapter_off(net: Any) -> bool:
-    from .pipelines.base import AdapterOffNet
+def _wrapper_classes() -> tuple[type, type, type]:
+    """``(AdapterOffNet, OffloadedNet, PlacedNet)`` from the pipelines package (imported late: it imports diffusers)."""
+    try:
+        from .pipelines.lora import AdapterOffNet
+        from .pipelines.placement import OffloadedNet, PlacedNet
+    except ImportError:  # before the pipelines were split into lora/placement modules
+        from .pipelines.base import AdapterOffNet, OffloadedNet, PlacedNet  # type: ignore[no-redef]
+    return AdapterOffNet, OffloadedNet, PlacedNet
 
-    return isinstance(net, AdapterOffNet)
+
+def _is_adapter_off(net: Any) -> bool:
+    return isinstance(net, _wrapper_classes()[0])
 
 
 class _NetState:
@@ -455,6 +463,9 @@ class Accelerator:
         device: the execution device (default: the current CUDA device, else CPU).
         warmup: eager warm-up calls before each graph capture.
         max_graphs: most graphs per network.
+        records: where capture/compile records go (default: a new list, :attr:`records`).
+        memoize: return the same wrapper when the same network is wrapped again (it then lives as
+            long as the Accelerator; the process-wide shared accelerator does not memoize).
 
     Raises:
         ValueError: ``mode`` is not one of :data:`COMPILE_MODES` (the message names ``compile``).
@@ -465,6 +476,7 @@ class Accelerator:
     warmup: int = 2
     max_graphs: int = 16
     records: list[CaptureRecord] = field(default_factory=list)
+    memoize: bool = True
 
     def __post_init__(self) -> None:
         self.mode = check_compile(self.mode)
@@ -510,12 +522,15 @@ class Accelerator:
         hit = self._wrapped.get(id(net))
         if hit is not None and hit[0] is net:
             return hit[1]
-        wrapped = self._wrap(net, name or type(net).__name__)
-        self._wrapped[id(net)] = (net, wrapped)  # the strong reference keeps id(net) from being reused
+        wrapped = self._wrap(net, name or getattr(net, "__name__", type(net).__name__))
+        if self.memoize:
+            self._wrapped[id(net)] = (net, wrapped)  # the strong reference keeps id(net) from being reused
+        else:
+            self._graphed.clear()  # nothing to reset later: keep no reference to the networks
         return wrapped
 
     def _wrap(self, net: Net, name: str) -> Net:
-        from .pipelines.base import AdapterOffNet, OffloadedNet, PlacedNet
+        AdapterOffNet, OffloadedNet, PlacedNet = _wrapper_classes()
 
         if isinstance(net, OffloadedNet):
             logger.warning("distillpp: the CPU-offloaded %s runs eagerly under compile=%r (its weights are copied in "
@@ -549,16 +564,64 @@ class Accelerator:
             graphed.reset()
 
 
-def accelerate_net(net: Net, mode: str | None = "graphs", device: Any = None, name: str | None = None) -> Net:
-    """Accelerate one network with its own :class:`Accelerator` (use one Accelerator for several networks).
+_SHARED: dict[tuple[str, torch.device], Accelerator] = {}
+
+
+def shared_accelerator(mode: str | None, device: Any = None) -> Accelerator:
+    """The process-wide :class:`Accelerator` of ``(mode, device)`` that :func:`accelerate_net` uses.
+
+    Its :attr:`Accelerator.records` hold the first-call cost of every network accelerated through
+    :func:`accelerate_net` on that device; its graph pool is shared by all of them (graphs are
+    replayed on the caller's stream, one at a time: do not run two accelerated pipelines
+    concurrently from different threads).
+
+    Args:
+        mode: ``"none"``, ``"graphs"`` or ``"inductor"``.
+        device: the execution device (default: the current CUDA device, else CPU).
+    """
+    mode = check_compile(mode)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (mode, device)
+    if key not in _SHARED:
+        _SHARED[key] = Accelerator(mode, device, memoize=False)
+    return _SHARED[key]
+
+
+def accelerate_net(
+    net: Net,
+    mode: str | None = "graphs",
+    device: Any = None,
+    name: str | None = None,
+    module: torch.nn.Module | None = None,
+    accelerator: Accelerator | None = None,
+) -> Net:
+    """Accelerate one network: ``net`` itself for ``"none"``, else a graphed or compiled wrapper.
+
+    Without ``accelerator`` the network joins the process-wide :func:`shared_accelerator` of its
+    device (one graph memory pool per device for every student and teacher).
 
     Args:
         net: ``net(sample, timestep, **cond)``.
-        mode: ``"none"``, ``"graphs"`` or ``"inductor"``.
-        device: execution device (default: current CUDA device, else CPU, where ``"graphs"`` falls back).
-        name: name used in notices.
+        mode: ``"none"``, ``"graphs"`` or ``"inductor"`` (``None`` = ``"none"``).
+        device: execution device (default: ``module``'s, else the current CUDA device, else CPU, where
+            ``"graphs"`` falls back to eager with a warning).
+        name: name used in notices and capture records.
+        module: the network's ``torch.nn.Module`` (its device is the default ``device``).
+        accelerator: an :class:`Accelerator` to join instead of the shared one.
 
     Raises:
         ValueError: unknown ``mode`` (the message names ``compile``).
     """
-    return Accelerator(mode, device).wrap(net, name)
+    mode = check_compile(mode)
+    if mode == "none":
+        return net
+    if device is None and module is not None:
+        p = next(module.parameters(), None)
+        device = p.device if p is not None else None
+    if accelerator is None:
+        accelerator = shared_accelerator(mode, device)
+    return accelerator.wrap(net, name)
