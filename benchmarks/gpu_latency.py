@@ -1,0 +1,895 @@
+"""GPU latency of guided few-step sampling, eager and on the fast path (CUDA graphs), in one run on one card.
+
+Random weights built from configs (no download): an SDXL-size UNet pair (student and a separate
+teacher, fp16, 1024 px) and a FLUX-size transformer (bf16, 1024 px). Measured with CUDA events,
+median and spread (min/max and interquartile range) of ``--runs`` runs after ``--warmup``:
+
+- per-forward floor: eager and replayed from a captured graph, batch 1, 2, 4, 8;
+- diffusers' own ``StableDiffusionXLPipeline``, eager, 4 steps, sampling only (precomputed prompt
+  embeddings, ``output_type="latent"``);
+- ours, eager and fast (``compile="graphs"`` through :mod:`distillpp.accel`): plain 4, plain 5 and
+  4 + 1 guided (teacher CFG 7.5 as one batch-2B forward) at batch 1 and 4, sampling only, through
+  :func:`distillpp.sample` with the accelerated networks (what the pipelines do with ``compile=``);
+- first-call (capture) cost and peak memory of every configuration;
+- lowering the floor: cuDNN attention, channels-last convolutions, fp8 linear layers, inductor
+  kernels under our graphs; each with its per-forward time, fraction of the card's bf16 peak
+  (the FLOPs of one forward counted by ``torch.utils.flop_counter``) and its output's deviation
+  from the eager fp16 forward;
+- equality of fast and eager outputs (max abs / rel difference) for SDXL-size, FLUX-size, a LoRA
+  student with its adapter-off teacher, and a zoo model pair (``distillpp.zoo.load``).
+
+Writes ``gpu_latency.json`` and ``gpu_latency.md`` into ``--out`` (the JSON after every section, so
+a run cut short keeps what it measured) and prints the table.
+
+    python benchmarks/gpu_latency.py --out benchmarks/results/gpu_latency        # one H100, ~8 min
+    python benchmarks/gpu_latency.py --tiny --out /tmp/lat                        # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+import distillpp
+from distillpp.accel import Accelerator, GraphedNet
+from distillpp.denoisers import CFGDenoiser, DiscreteVPDenoiser, FlowDenoiser, unet_fn
+from distillpp.schedules import DiscreteVPSchedule, euler_sigmas, initial_sample
+
+# NVIDIA's datasheet dense bf16 tensor-core rate (no sparsity), TFLOP/s; the measured matmul rate is the
+# practical ceiling and is what fractions are given against.
+DATASHEET_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.5, "H200": 989.4, "A100": 312.0}
+TEACHER_CFG = 7.5
+FLUX_GUIDANCE = 3.5
+
+
+# --------------------------------------------------------------------------------------------
+# Random-weight models from configs.
+# --------------------------------------------------------------------------------------------
+
+
+def unet_config(tiny: bool) -> dict[str, Any]:
+    """SDXL's UNet config (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json), or a tiny one."""
+    if tiny:
+        return dict(
+            sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=8, cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=1,
+        )
+    return dict(
+        sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        addition_embed_type_num_heads=64, projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+        act_fn="silu", flip_sin_to_cos=True, freq_shift=0, center_input_sample=False,
+    )
+
+
+def vae_config(tiny: bool) -> dict[str, Any]:
+    """SDXL's VAE config (decoded in the model dtype, as with the fp16-fix VAE), or a tiny one."""
+    if tiny:
+        return dict(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                    norm_num_groups=8, layers_per_block=1, scaling_factor=0.13025, force_upcast=False)
+    return dict(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
+                sample_size=1024, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                layers_per_block=2, norm_num_groups=32, act_fn="silu", scaling_factor=0.13025, force_upcast=False)
+
+
+def flux_config(tiny: bool, layers: int | None, single_layers: int | None) -> dict[str, Any]:
+    """FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev transformer/config.json), or a tiny one."""
+    if tiny:
+        return dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+                    axes_dims_rope=(2, 2, 4))
+    return dict(patch_size=1, in_channels=64, num_layers=19 if layers is None else layers,
+                num_single_layers=38 if single_layers is None else single_layers, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+def build(module_cls: Any, device: str, dtype: torch.dtype, seed: int, *args: Any, **kwargs: Any) -> Any:
+    """Instantiate with random init directly on ``device`` (seconds for billions of parameters), then cast."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the target dtype: a 12B transformer in float32 would not fit twice
+    try:
+        with torch.device(device):
+            m = module_cls(*args, **kwargs)
+    except Exception:  # a constructor that does not honour the device context
+        m = module_cls(*args, **kwargs)
+    finally:
+        torch.set_default_dtype(default)
+    return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing.
+# --------------------------------------------------------------------------------------------
+
+
+def summary(times_ms: list[float]) -> dict[str, Any]:
+    q = statistics.quantiles(times_ms, n=4) if len(times_ms) >= 2 else [times_ms[0]] * 3
+    med = statistics.median(times_ms)
+    return {
+        "median_ms": round(med, 3), "min_ms": round(min(times_ms), 3), "max_ms": round(max(times_ms), 3),
+        "p25_ms": round(q[0], 3), "p75_ms": round(q[2], 3), "runs": len(times_ms),
+        "spread_pct": round(100 * (max(times_ms) - min(times_ms)) / med, 2),
+        "iqr_pct": round(100 * (q[2] - q[0]) / med, 2),
+    }
+
+
+def time_it(fn: Callable[[], Any], runs: int, warmup: int, device: torch.device) -> dict[str, Any]:
+    """Median and spread of ``fn`` in ms: CUDA events on a GPU, the host clock on a CPU."""
+    for _ in range(warmup):
+        fn()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(runs):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return summary(times)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak allocated GiB during one call of ``fn`` (after a reset), on a GPU."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+
+def diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Max abs difference and max abs difference relative to the reference's max magnitude."""
+    a, b = a.float(), b.float()
+    d = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    return {"max_abs": d, "max_rel": d / scale if scale else float("nan"),
+            "rms_rel": ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()}
+
+
+def measured_bf16_tflops(device: torch.device) -> float | None:
+    """The card's practical bf16 matmul rate: an 8192^3 product, median of 20 (CUDA events)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    t = time_it(lambda: a @ b, 20, 5, device)
+    return round(2 * 8192**3 / (t["median_ms"] * 1e-3) / 1e12, 1)
+
+
+def forward_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Report:
+    """The results dict, written to JSON after every section."""
+
+    def __init__(self, out: str, meta: dict[str, Any]):
+        self.out = out
+        self.data: dict[str, Any] = {**meta, "sections": {}}
+        os.makedirs(out, exist_ok=True)
+
+    def put(self, section: str, key: str, value: Any) -> None:
+        self.data["sections"].setdefault(section, {})[key] = value
+        self.save()
+
+    def save(self) -> None:
+        with open(os.path.join(self.out, "gpu_latency.json"), "w") as f:
+            json.dump(self.data, f, indent=2, default=str)
+
+
+def guarded(report: Report, section: str, key: str, fn: Callable[[], Any]) -> Any:
+    """Run one measurement; a failure is recorded and printed, and the others still run."""
+    try:
+        value = fn()
+    except Exception as e:  # noqa: BLE001 - a benchmark reports, it does not stop
+        print(f"  {section}/{key} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        value = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        free()
+    report.put(section, key, value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling (what a pipeline does with compile=): distillpp.sample over accelerated networks.
+# --------------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """Plain or guided few-step Euler sampling of one model pair at one batch size, for timing.
+
+    The student and teacher networks are given already accelerated (or not); everything else is the
+    eager code that runs on every path: denoisers, the Euler solver, teacher guidance.
+    """
+
+    def __init__(self, family: str, student_net: Any, teacher_net: Any, shape: tuple[int, ...],
+                 cond: dict[str, Any], uncond: dict[str, Any] | None, sigmas_of: Callable[[int], torch.Tensor],
+                 device: torch.device, dtype: torch.dtype, teacher_cond: dict[str, Any] | None = None):
+        self.family, self.shape, self.device = family, shape, device
+        self.cond, self.uncond, self.teacher_cond = cond, uncond, teacher_cond
+        self.sigmas_of = sigmas_of
+        if family == "vp":
+            schedule = DiscreteVPSchedule.from_betas(beta_schedule="scaled_linear")
+            self.student = DiscreteVPDenoiser(student_net, schedule, dtype=dtype)
+            self.teacher = CFGDenoiser(DiscreteVPDenoiser(teacher_net, schedule, dtype=dtype), scale=TEACHER_CFG)
+        else:
+            self.student = FlowDenoiser(student_net, timestep_scale=1.0, dtype=dtype)
+            self.teacher = CFGDenoiser(FlowDenoiser(teacher_net, timestep_scale=1.0, dtype=dtype), scale=1.0)
+
+    def __call__(self, steps: int, guided: bool, seed: int = 0) -> torch.Tensor:
+        sigmas = self.sigmas_of(steps).to(self.device)
+        gen = torch.Generator(self.device).manual_seed(seed)
+        noise = torch.randn(self.shape, generator=gen, device=self.device, dtype=torch.float32)
+        x = initial_sample(noise, sigmas, "vp" if self.family == "vp" else "flow")
+        kwargs: dict[str, Any] = {}
+        if guided:
+            teacher_args = {"cond": self.teacher_cond or self.cond}
+            if self.uncond is not None:
+                teacher_args["uncond"] = self.uncond
+            kwargs = dict(teacher=self.teacher, teacher_args=teacher_args,
+                          guidance=distillpp.TeacherGuidance(strength=0.05, guided_steps=1,
+                                                             teacher_cfg=TEACHER_CFG if self.uncond else None))
+        with torch.no_grad():  # as in every pipeline call; graphs replay only without autograd
+            return distillpp.sample(self.student, x, sigmas, sampler="euler", generator=gen, extra_args=self.cond,
+                                    **kwargs)
+
+
+def sampling_table(report: Report, section: str, make: Callable[[str, int], Sampler], batches: list[int],
+                   modes: list[tuple[str, int, bool]], runs: int, warmup: int, device: torch.device,
+                   floors: dict[int, float], accelerators: dict[str, Accelerator]) -> None:
+    """Eager and fast sampling for every mode and batch: latency, peak memory, first-call cost."""
+    for batch in batches:
+        for path in ("eager", "fast"):
+            sampler = make(path, batch)
+            acc = accelerators.get(path)
+            for name, steps, guided in modes:
+                key = f"{path} {name} b{batch}"
+
+                def measure(sampler=sampler, steps=steps, guided=guided, acc=acc, batch=batch, name=name):
+                    n_before = len(acc.records) if acc is not None else 0
+                    t0 = time.perf_counter()
+                    sampler(steps, guided)  # first call: captures whatever is new for this shape
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    first_s = time.perf_counter() - t0
+                    res = time_it(lambda: sampler(steps, guided), runs, warmup, device)
+                    res["first_call_s"] = round(first_s, 3)
+                    if acc is not None:
+                        res["captures"] = [{"net": r.name, "shape": r.signature, "s": round(r.seconds, 3)}
+                                           for r in acc.records[n_before:]]
+                    res["peak_mem_gib"] = peak_memory(lambda: sampler(steps, guided), device)
+                    f1, f2 = floors.get(batch), floors.get(2 * batch)
+                    if f1 is not None and (not guided or f2 is not None):
+                        floor = steps * f1 + (f2 if guided else 0.0)
+                        res["graph_floor_ms"] = round(floor, 3)
+                        res["vs_floor"] = round(res["median_ms"] / floor, 3)
+                    print(f"  {key:26s} {res['median_ms']:9.1f} ms  [{res['min_ms']:.1f}, {res['max_ms']:.1f}]"
+                          f"  first {first_s:.2f} s" + (f"  x{res['vs_floor']:.3f} floor" if "vs_floor" in res else ""),
+                          flush=True)
+                    return res
+
+                guarded(report, section, key, measure)
+            del sampler
+            free()
+
+
+def forward_table(report: Report, section: str, net: Any, inputs_of: Callable[[int], tuple[tuple, dict]],
+                  batches: list[int], runs: int, warmup: int, device: torch.device,
+                  accelerator: Accelerator | None) -> dict[int, float]:
+    """Per-forward eager and graph time per batch size; returns the graph floor per batch (ms)."""
+    floors: dict[int, float] = {}
+    graphed = accelerator.wrap(net, "forward") if accelerator is not None else net
+    for batch in batches:
+        args, kwargs = inputs_of(batch)
+
+        def eager(args=args, kwargs=kwargs):
+            with torch.no_grad():
+                return net(*args, **kwargs)
+
+        def fast(args=args, kwargs=kwargs):
+            with torch.no_grad():
+                return graphed(*args, **kwargs)
+
+        res_e = guarded(report, section, f"forward eager b{batch}", lambda: time_it(eager, runs, warmup, device))
+
+        def graph_entry():
+            n_before = len(accelerator.records) if accelerator is not None else 0
+            t0 = time.perf_counter()
+            out_fast = fast()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_s = time.perf_counter() - t0
+            res = time_it(fast, runs, warmup, device)
+            res["first_call_s"] = round(first_s, 3)
+            res["equal_to_eager"] = diff(out_fast, eager())
+            if accelerator is not None and len(accelerator.records) > n_before:
+                res["capture_s"] = round(accelerator.records[-1].seconds, 3)
+            return res
+
+        res_g = guarded(report, section, f"forward graph b{batch}", graph_entry)
+        if "median_ms" in res_g:
+            floors[batch] = res_g["median_ms"]
+        print(f"  forward b{batch}: eager {res_e.get('median_ms', float('nan')):8.2f} ms, "
+              f"graph {res_g.get('median_ms', float('nan')):8.2f} ms", flush=True)
+        del args, kwargs
+        free()
+    return floors
+
+
+# --------------------------------------------------------------------------------------------
+# Lowering the floor (SDXL-size, batch 1, all under our graphs).
+# --------------------------------------------------------------------------------------------
+
+
+class FP8Linear(torch.nn.Module):
+    """A linear layer with e4m3 weights and per-call e4m3 activations (per-tensor scales), fp16/bf16 out."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        self.out_dtype = w.dtype
+        self.w_scale = (w.abs().amax().float() / 448.0).clamp(min=1e-12)
+        self.w_fp8_t = (w.float() / self.w_scale).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x_scale = (x2.abs().amax().float() / 448.0).clamp(min=1e-12)
+        x_fp8 = (x2.float() / x_scale).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(x_fp8, self.w_fp8_t, scale_a=x_scale, scale_b=self.w_scale, bias=self.bias,
+                               out_dtype=self.out_dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def fp8_linears(module: torch.nn.Module) -> int:
+    """Swap every nn.Linear whose sizes fit fp8 matmuls (multiples of 16) for :class:`FP8Linear`; returns the count."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear) and child.in_features % 16 == 0 and child.out_features % 16 == 0:
+            setattr(module, name, FP8Linear(child))
+            n += 1
+        else:
+            n += fp8_linears(child)
+    return n
+
+
+def floor_variants(report: Report, unet: Any, inputs_of: Callable[[int], tuple[tuple, dict]], runs: int,
+                   warmup: int, device: torch.device, peak_tflops: float | None, inductor: bool, deadline: float) -> None:
+    """Per-forward time of SDXL-size variants under our graphs, batch 1, and their output deviation."""
+    section = "sdxl floor (batch 1, under graphs)"
+    args, kwargs = inputs_of(1)
+    with torch.no_grad():
+        reference = unet_fn(unet)(*args, **kwargs).float()
+    flops = forward_flops(lambda: unet_fn(unet)(*args, **kwargs))
+    report.put(section, "flops_per_forward", flops)
+
+    baseline: dict[str, float] = {}
+
+    def run_variant(name: str, net: Any, setup: Callable[[], Any] | None = None) -> dict[str, Any]:
+        with contextlib.ExitStack() as stack:
+            if setup is not None:
+                stack.enter_context(setup())
+            acc = Accelerator("graphs", device)
+            g = acc.wrap(net, name)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = g(*args, **kwargs)
+            torch.cuda.synchronize(device)
+            first = time.perf_counter() - t0
+            res = time_it(lambda: g(*args, **kwargs), runs, warmup, device)
+        res["first_call_s"] = round(first, 2)
+        res["vs_eager_fp16_output"] = diff(out, reference)
+        res["tflops"] = round(flops / (res["median_ms"] * 1e-3) / 1e12, 1)
+        if peak_tflops:
+            res["fraction_of_measured_bf16_peak"] = round(res["tflops"] / peak_tflops, 3)
+        baseline.setdefault("ms", res["median_ms"])
+        res["vs_default_graph"] = round(res["median_ms"] / baseline["ms"], 3)
+        print(f"  floor {name:32s} {res['median_ms']:8.2f} ms  {res['tflops']:6.1f} TFLOP/s  "
+              f"rel diff {res['vs_eager_fp16_output']['max_rel']:.2e}  first {first:.1f} s", flush=True)
+        return res
+
+    base = unet_fn(unet)
+    guarded(report, section, "default (diffusers SDPA)", lambda: run_variant("default (diffusers SDPA)", base))
+
+    def cudnn():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+    guarded(report, section, "cuDNN attention", lambda: run_variant("cuDNN attention", base, cudnn))
+
+    def channels_last():
+        unet.to(memory_format=torch.channels_last)
+        try:
+            return run_variant("channels-last convolutions", base)
+        finally:
+            unet.to(memory_format=torch.contiguous_format)
+
+    guarded(report, section, "channels-last convolutions", channels_last)
+
+    def fp8():
+        import copy
+
+        if not (hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (8, 9)):
+            return {"skipped": "no fp8 matmul on this card"}
+        fp8_unet = copy.deepcopy(unet)
+        n = fp8_linears(fp8_unet)
+        try:
+            res = run_variant(f"fp8 linear layers ({n})", unet_fn(fp8_unet))
+            res["linear_layers_swapped"] = n
+            return res
+        finally:
+            del fp8_unet
+            free()
+
+    guarded(report, section, "fp8 linear layers", fp8)
+
+    if inductor and time.perf_counter() < deadline - 200:
+        def compiled():
+            net = torch.compile(unet_fn(unet), dynamic=False)
+            return run_variant("inductor kernels under graphs", net)
+
+        guarded(report, section, "inductor kernels under graphs", compiled)
+    else:
+        report.put(section, "inductor kernels under graphs", {"skipped": "not enough time left in --budget-s"
+                                                              if inductor else "not asked (--inductor)"})
+
+
+# --------------------------------------------------------------------------------------------
+# The models.
+# --------------------------------------------------------------------------------------------
+
+
+def sdxl_section(report: Report, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                 peak_tflops: float | None, deadline: float) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tiny, side = args.tiny, args.size or (64 if args.tiny else 1024)
+    section = "sdxl"
+    t0 = time.perf_counter()
+    student_unet = build(UNet2DConditionModel, str(device), dtype, 4, **unet_config(tiny))
+    teacher_unet = build(UNet2DConditionModel, str(device), dtype, 3, **unet_config(tiny))
+    vae = build(AutoencoderKL, str(device), dtype, 0, **vae_config(tiny))
+    n_params = sum(p.numel() for p in student_unet.parameters())
+    report.put(section, "model", {"unet_params_billion": round(n_params / 1e9, 3), "image": f"{side}x{side}",
+                                  "dtype": str(dtype).replace("torch.", ""), "build_s": round(time.perf_counter() - t0, 1)})
+    print(f"SDXL-size UNet {n_params / 1e9:.2f}B x2 built in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    latent = side // 8
+    ctx_dim = student_unet.config.cross_attention_dim
+    pooled_dim = student_unet.config.projection_class_embeddings_input_dim - 6 * student_unet.config.addition_time_embed_dim
+    gen = torch.Generator(device).manual_seed(0)
+    max_b = max(args.batches + [2 * b for b in args.sample_batches])
+    embeds = torch.randn(max_b, 77, ctx_dim, generator=gen, device=device, dtype=dtype)
+    pooled = torch.randn(max_b, pooled_dim, generator=gen, device=device, dtype=dtype)
+    time_ids = torch.tensor([side, side, 0, 0, side, side], device=device, dtype=dtype).repeat(max_b, 1)
+
+    def cond(b: int, offset: int = 0) -> dict[str, Any]:
+        return {"encoder_hidden_states": embeds[offset:offset + b],
+                "added_cond_kwargs": {"text_embeds": pooled[offset:offset + b], "time_ids": time_ids[:b]}}
+
+    def inputs_of(b: int) -> tuple[tuple, dict]:
+        x = torch.randn(b, 4, latent, latent, generator=gen, device=device, dtype=dtype)
+        t = torch.full((b,), 999.0, device=device)
+        return (x, t), cond(b)
+
+    if "sdxl" in args.sections:
+        sdxl_sampling(report, args, device, dtype, student_unet, teacher_unet, vae, inputs_of, cond, embeds, pooled,
+                      time_ids, side)
+    del vae
+    free()
+    if device.type == "cuda" and "floor" in args.sections and time.perf_counter() < deadline - 60:
+        floor_variants(report, student_unet, inputs_of, args.runs, args.warmup, device, peak_tflops,
+                       args.inductor, deadline)
+    if "lora" in args.sections and time.perf_counter() < deadline - 45:
+        guarded(report, section, "equality: LoRA student / adapter-off teacher, fast vs eager guided 4+1 b1",
+                lambda: lora_equality(teacher_unet, lambda s_net, t_net: sdxl_sampler(
+                    s_net, t_net, 1, cond, embeds, pooled, time_ids, side, device, dtype), device))
+    del student_unet, teacher_unet
+    free()
+
+
+def sdxl_sampler(student_net: Any, teacher_net: Any, b: int, cond: Callable[[int], dict], embeds: torch.Tensor,
+                 pooled: torch.Tensor, time_ids: torch.Tensor, side: int, device: torch.device,
+                 dtype: torch.dtype) -> Sampler:
+    """Euler (trailing, SDXL-Lightning's scheduler) over an SDXL-size pair; teacher CFG against zero embeddings."""
+    uncond = {"encoder_hidden_states": torch.zeros_like(embeds[:b]),
+              "added_cond_kwargs": {"text_embeds": torch.zeros_like(pooled[:b]), "time_ids": time_ids[:b]}}
+    schedule = DiscreteVPSchedule.from_betas(beta_schedule="scaled_linear")
+    sigmas_of = lambda n: euler_sigmas(schedule, n, timestep_spacing="trailing")  # noqa: E731
+    return Sampler("vp", student_net, teacher_net, (b, 4, side // 8, side // 8), cond(b), uncond, sigmas_of, device,
+                   dtype)
+
+
+def sdxl_sampling(report: Report, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, student_unet: Any,
+                  teacher_unet: Any, vae: Any, inputs_of: Callable, cond: Callable, embeds: torch.Tensor,
+                  pooled: torch.Tensor, time_ids: torch.Tensor, side: int) -> None:
+    """SDXL-size per-forward floor, diffusers' pipeline, our eager and fast sampling, and their equality."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    section = "sdxl"
+    latent = side // 8
+    gen = torch.Generator(device).manual_seed(1)
+    acc_fwd = Accelerator("graphs", device) if device.type == "cuda" else None
+    floors = forward_table(report, section, unet_fn(student_unet), inputs_of, args.batches, args.runs, args.warmup,
+                           device, acc_fwd)
+    del acc_fwd
+    free()
+
+    # Diffusers' own pipeline, eager, sampling only.
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="trailing")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                                     unet=student_unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for b in args.sample_batches:
+        for steps in (4, 5):
+            def run_diffusers(b=b, steps=steps):
+                call = lambda: pipe(prompt_embeds=embeds[:b], pooled_prompt_embeds=pooled[:b],  # noqa: E731
+                                    num_inference_steps=steps, guidance_scale=0.0, height=side, width=side,
+                                    output_type="latent", generator=torch.Generator(device).manual_seed(0))
+                res = time_it(call, args.runs, args.warmup, device)
+                res["peak_mem_gib"] = peak_memory(call, device)
+                print(f"  diffusers eager plain {steps} b{b}: {res['median_ms']:9.1f} ms  "
+                      f"[{res['min_ms']:.1f}, {res['max_ms']:.1f}]", flush=True)
+                return res
+
+            guarded(report, section, f"diffusers eager plain {steps} b{b}", run_diffusers)
+    del pipe
+
+    # VAE decode (reported beside sampling; the same on every path).
+    def vae_decode():
+        z = torch.randn(1, 4, latent, latent, generator=gen, device=device, dtype=dtype)
+        with torch.no_grad():
+            return time_it(lambda: vae.decode(z / vae.config.scaling_factor, return_dict=False)[0], max(5, args.runs // 4),
+                           1, device)
+
+    guarded(report, section, "vae decode b1 (eager)", vae_decode)
+
+    # Ours: eager and fast.
+    accelerators = {"fast": Accelerator("graphs", device)}
+    nets = {"eager": (unet_fn(student_unet), unet_fn(teacher_unet))}
+    nets["fast"] = (accelerators["fast"].wrap(nets["eager"][0], "student"),
+                    accelerators["fast"].wrap(nets["eager"][1], "teacher"))
+
+    def make(path: str, b: int) -> Sampler:
+        return sdxl_sampler(*nets[path], b, cond, embeds, pooled, time_ids, side, device, dtype)
+
+    modes = [("plain 4", 4, False), ("plain 5", 5, False), ("guided 4+1", 4, True)]
+    sampling_table(report, section, make, args.sample_batches, modes, args.runs, args.warmup, device, floors,
+                   accelerators)
+    report.put(section, "first calls (fast path)", [{"net": r.name, "shape": r.signature, "s": round(r.seconds, 3)}
+                                             for r in accelerators["fast"].records])
+
+    # Equality: the same guided run, eager and fast.
+    def equality():
+        eager = make("eager", 1)(4, True, seed=7)
+        fast = make("fast", 1)(4, True, seed=7)
+        return diff(fast, eager)
+
+    guarded(report, section, "equality: fast vs eager guided 4+1 b1 (latents)", equality)
+    del accelerators
+    free()
+
+
+def lora_equality(unet: Any, make: Callable[[Any, Any], Sampler], device: torch.device) -> dict:
+    """A rank-64 LoRA student whose teacher is the same UNet with the adapter off: fast equals eager."""
+    from peft import LoraConfig
+
+    from distillpp.accel import _wrapper_classes
+
+    AdapterOffNet = _wrapper_classes()[0]
+    unet.add_adapter(LoraConfig(r=64, lora_alpha=64, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="student")
+    dtype = next(unet.parameters()).dtype
+    for n, p in unet.named_parameters():
+        if "lora_" in n:  # peft keeps adapters in float32; released LoRAs run in the model dtype
+            p.data = p.data.to(dtype)
+    try:
+        student_net = unet_fn(unet)
+        teacher_net = AdapterOffNet(student_net, unet)
+        acc = Accelerator("graphs", device)
+        results = {}
+        for path in ("eager", "fast"):
+            sampler = make(student_net, teacher_net) if path == "eager" else make(
+                acc.wrap(student_net, "lora student"), acc.wrap(teacher_net, "adapter-off teacher"))
+            results[path] = sampler(4, True, seed=11)
+            if path == "fast":
+                rerun = time_it(lambda: sampler(4, True, seed=11), 5, 1, device)
+        res = diff(results["fast"], results["eager"])
+        res["fast_guided_4+1_b1_ms"] = rerun
+        res["captures"] = [{"net": r.name, "shape": r.signature, "s": round(r.seconds, 3)} for r in acc.records]
+        print(f"  LoRA adapter-off fast vs eager: max rel {res['max_rel']:.2e}; guided 4+1 {rerun['median_ms']:.1f} ms",
+              flush=True)
+        return res
+    finally:
+        unet.delete_adapters("student")
+
+
+def flux_section(report: Report, args: argparse.Namespace, device: torch.device, peak_tflops: float | None) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    from distillpp.zoo import flow_grid
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    section = "flux"
+    side = args.size or (64 if args.tiny else 1024)
+    cfg = flux_config(args.tiny, args.flux_layers, args.flux_single_layers)
+    t0 = time.perf_counter()
+    model = build(FluxTransformer2DModel, str(device), dtype, 5, **cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens = (side // 16) ** 2
+    text_tokens = 16 if args.tiny else 512
+    report.put(section, "model", {"params_billion": round(n_params / 1e9, 3), "config": cfg, "image": f"{side}x{side}",
+                                  "image_tokens": tokens, "text_tokens": text_tokens,
+                                  "dtype": str(dtype).replace("torch.", ""), "build_s": round(time.perf_counter() - t0, 1),
+                                  "note": "one transformer (with FLUX.1-dev's guidance embedding) serves as both student "
+                                          "and teacher: timing does not depend on the weights"})
+    print(f"FLUX-size transformer {n_params / 1e9:.2f}B built in {time.perf_counter() - t0:.1f} s", flush=True)
+    gen = torch.Generator(device).manual_seed(0)
+    channels = cfg["in_channels"]
+    img_ids = torch.zeros(tokens, 3, device=device)
+    h = torch.arange(side // 16, device=device, dtype=torch.float32)
+    img_ids[:, 1] = h.repeat_interleave(side // 16)
+    img_ids[:, 2] = h.repeat(side // 16)
+    txt_ids = torch.zeros(text_tokens, 3, device=device)
+    max_b = max(args.flux_batches + args.flux_sample_batches)
+    text = torch.randn(max_b, text_tokens, cfg["joint_attention_dim"], generator=gen, device=device, dtype=dtype)
+    pooled = torch.randn(max_b, cfg["pooled_projection_dim"], generator=gen, device=device, dtype=dtype)
+
+    def flux_net(hidden_states, timestep, **cond):
+        return model(hidden_states=hidden_states, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, **cond,
+                     return_dict=False)[0]
+
+    flux_net.model = model
+
+    def cond(b: int) -> dict[str, Any]:
+        return {"encoder_hidden_states": text[:b], "pooled_projections": pooled[:b],
+                "guidance": torch.full((b,), FLUX_GUIDANCE, device=device)}
+
+    def inputs_of(b: int) -> tuple[tuple, dict]:
+        x = torch.randn(b, tokens, channels, generator=gen, device=device, dtype=dtype)
+        return (x, torch.full((b,), 1.0, device=device)), cond(b)
+
+    acc_fwd = Accelerator("graphs", device) if device.type == "cuda" else None
+    floors = forward_table(report, section, flux_net, inputs_of, args.flux_batches, args.runs, args.warmup, device,
+                           acc_fwd)
+    del acc_fwd
+    free()
+    if device.type == "cuda":
+        args1, kwargs1 = inputs_of(1)
+        flops = forward_flops(lambda: flux_net(*args1, **kwargs1))
+        res = {"flops_per_forward": flops}
+        if 1 in floors:
+            res["tflops_graph_b1"] = round(flops / (floors[1] * 1e-3) / 1e12, 1)
+            if peak_tflops:
+                res["fraction_of_measured_bf16_peak"] = round(res["tflops_graph_b1"] / peak_tflops, 3)
+        report.put(section, "flops", res)
+
+    accelerators = {"fast": Accelerator("graphs", device)}
+
+    def make(path: str, b: int) -> Sampler:
+        net = accelerators["fast"].wrap(flux_net, "transformer") if path == "fast" else flux_net
+        # Student (FLUX-schnell-like: 4 Euler steps) and teacher (FLUX.1-dev-like: guidance embedding, no CFG).
+        return Sampler("flow", net, net, (b, tokens, channels), cond(b), None, flow_grid, device, dtype)
+
+    modes = [("plain 4", 4, False), ("guided 4+1", 4, True)] + ([("plain 5", 5, False)] if args.flux_plain5 else [])
+    sampling_table(report, section, make, args.flux_sample_batches, modes, args.runs, args.warmup, device, floors,
+                   accelerators)
+
+    def equality():
+        eager = make("eager", 1)(4, True, seed=7)
+        fast = make("fast", 1)(4, True, seed=7)
+        return diff(fast, eager)
+
+    guarded(report, section, "equality: fast vs eager guided 4+1 b1 (latents)", equality)
+    del model, accelerators
+    free()
+
+
+def zoo_section(report: Report, args: argparse.Namespace, device: torch.device) -> None:
+    """The shipped Fashion-MNIST lcm student guided by its teacher: fast equals eager, and how much faster."""
+    from distillpp import zoo
+
+    section = "zoo"
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    student, teacher = zoo.load("lcm", device, dtype), zoo.load("teacher", device, dtype)
+    batch = 8 if args.tiny else 64
+    labels = torch.arange(batch, device=device) % 10
+    acc = Accelerator("graphs", device)
+    eager_s, eager_t = student.denoiser.inner.net, teacher.denoiser.inner.net
+    fast_s, fast_t = acc.wrap(eager_s, "zoo lcm"), acc.wrap(eager_t, "zoo teacher")
+    sigmas = student.sigmas()
+
+    def run(fast: bool, seed: int = 0) -> torch.Tensor:
+        student.denoiser.inner.net, teacher.denoiser.inner.net = (fast_s, fast_t) if fast else (eager_s, eager_t)
+        gen = torch.Generator(device).manual_seed(seed)
+        x = student.initial(torch.randn(batch, 1, 32, 32, generator=gen, device=device), sigmas)
+        return distillpp.sample(student.denoiser, x, sigmas, sampler=student.sampler, extra_args=student.args(labels),
+                                teacher=teacher.denoiser, teacher_args=teacher.args(labels), generator=gen,
+                                guidance=distillpp.TeacherGuidance(strength=0.1, guided_steps=1,
+                                                                   teacher_cfg=zoo.TEACHER_CFG))
+
+    eager, fast = run(False, 3), run(True, 3)
+    res = {"batch": batch, "dtype": str(dtype).replace("torch.", ""), "lcm guided 4+1 (latents)": diff(fast, eager),
+           "images_equal_fraction": (zoo.to_images(fast) == zoo.to_images(eager)).float().mean().item()}
+    res[f"eager guided 4+1 b{batch}"] = time_it(lambda: run(False), args.runs, args.warmup, device)
+    res[f"fast guided 4+1 b{batch}"] = time_it(lambda: run(True), args.runs, args.warmup, device)
+    res["captures"] = [{"net": r.name, "shape": r.signature, "s": round(r.seconds, 3)} for r in acc.records]
+    print(f"  zoo lcm+teacher b{batch}: eager {res[f'eager guided 4+1 b{batch}']['median_ms']:.2f} ms, fast "
+          f"{res[f'fast guided 4+1 b{batch}']['median_ms']:.2f} ms, max rel diff {res['lcm guided 4+1 (latents)']['max_rel']:.2e}",
+          flush=True)
+    report.put(section, "lcm + teacher", res)
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+# --------------------------------------------------------------------------------------------
+
+
+def _ms(res: Any) -> str:
+    if not isinstance(res, dict) or "median_ms" not in res:
+        return "failed" if isinstance(res, dict) and "error" in res else "-"
+    return f"{res['median_ms']:.1f} [{res['min_ms']:.1f}-{res['max_ms']:.1f}]"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"# GPU latency: eager vs the fast path ({'tiny CPU smoke test' if r['tiny'] else 'random weights'})",
+        "",
+        f"- card: {r['card']}; date: {r['date']}; torch {r['torch']}, diffusers {r['diffusers']}",
+        f"- command: `{r['command']}`",
+        f"- bf16 matmul (8192^3) measured: {r['measured_bf16_tflops']} TFLOP/s; datasheet dense bf16: "
+        f"{r['datasheet_bf16_tflops']} TFLOP/s",
+        f"- CUDA events; median [min-max] of {r['runs']} runs after {r['warmup']} warm-up; spread = (max - min) / median;"
+        " sampling only (prompt embeddings precomputed, latents out; VAE decode listed separately); Euler, 4 + 1 guided ="
+        " 4 student steps with the first guided by one teacher forward (SDXL: CFG 7.5 as one batch-2B forward)",
+        "",
+    ]
+    for name, sec in r["sections"].items():
+        lines += [f"## {name}", ""]
+        model = sec.get("model")
+        if model:
+            lines += ["- model: " + ", ".join(f"{k} {v}" for k, v in model.items() if k != "config"), ""]
+        fwd = [(k, v) for k, v in sec.items() if k.startswith("forward ")]
+        if fwd:
+            lines += ["| forward | ms, median [min-max] | spread % | first call s | fast vs eager max rel diff |",
+                      "|---|---|---|---|---|"]
+            for k, v in fwd:
+                eq = v.get("equal_to_eager", {}).get("max_rel") if isinstance(v, dict) else None
+                lines.append(f"| {k[8:]} | {_ms(v)} | {v.get('spread_pct', '-') if isinstance(v, dict) else '-'} "
+                             f"| {v.get('first_call_s', '-') if isinstance(v, dict) else '-'} "
+                             f"| {'-' if eq is None else f'{eq:.1e}'} |")
+            lines.append("")
+        samp = [(k, v) for k, v in sec.items() if k.startswith(("eager ", "fast ", "diffusers "))]
+        if samp:
+            lines += ["| sampling | ms, median [min-max] | spread % | IQR % | x graph floor | first call s | peak GiB |",
+                      "|---|---|---|---|---|---|---|"]
+            for k, v in samp:
+                if not isinstance(v, dict) or "median_ms" not in v:
+                    lines.append(f"| {k} | {_ms(v)} | | | | | |")
+                    continue
+                lines.append(f"| {k} | {_ms(v)} | {v['spread_pct']} | {v['iqr_pct']} | {v.get('vs_floor', '-')} "
+                             f"| {v.get('first_call_s', '-')} | {v.get('peak_mem_gib', '-')} |")
+            lines.append("")
+        rest = {k: v for k, v in sec.items() if k != "model" and not k.startswith(("forward ", "eager ", "fast ",
+                                                                                      "diffusers "))}
+        for k, v in rest.items():
+            if isinstance(v, dict) and "median_ms" in v:
+                extra = {kk: vv for kk, vv in v.items() if kk not in ("median_ms", "min_ms", "max_ms", "p25_ms",
+                                                                       "p75_ms", "runs", "iqr_pct")}
+                lines.append(f"- {k}: {_ms(v)} ms; " + json.dumps(extra, default=str))
+            else:
+                lines.append(f"- {k}: {json.dumps(v, default=str)}")
+        lines.append("")
+    lines += [f"Total wall time {r.get('wall_s')} s.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="results folder (gpu_latency.json / .md)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke test)")
+    parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per measurement (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up runs per measurement (default 3)")
+    parser.add_argument("--size", type=int, default=None, help="image side (default 1024; 64 with --tiny)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="SDXL per-forward batch sizes")
+    parser.add_argument("--sample-batches", type=int, nargs="+", default=[1, 4], help="SDXL sampling batch sizes")
+    parser.add_argument("--flux-batches", type=int, nargs="+", default=[1, 2], help="FLUX per-forward batch sizes")
+    parser.add_argument("--flux-sample-batches", type=int, nargs="+", default=[1], help="FLUX sampling batch sizes")
+    parser.add_argument("--flux-plain5", action="store_true", help="also time FLUX plain 5 steps")
+    parser.add_argument("--flux-layers", type=int, default=None, help="FLUX double blocks (default 19, the real size)")
+    parser.add_argument("--flux-single-layers", type=int, default=None, help="FLUX single blocks (default 38)")
+    parser.add_argument("--sections", default="sdxl,floor,lora,zoo,flux",
+                        help="comma-separated: sdxl (forwards, sampling), floor (SDXL floor variants), lora, zoo, flux")
+    parser.add_argument("--inductor", action="store_true", help="also try inductor kernels under graphs (minutes)")
+    parser.add_argument("--budget-s", type=float, default=540, help="skip optional parts past this wall time")
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+
+    device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: CUDA is not available; use --tiny for a CPU smoke test", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.tiny:
+        torch.set_num_threads(1)
+        args.runs, args.warmup = min(args.runs, 3), min(args.warmup, 1)
+        args.batches, args.sample_batches = [1, 2], [1]
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = measured_bf16_tflops(device)
+    datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in card), None)
+    report = Report(args.out, {
+        "card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "torch": torch.__version__, "diffusers": __import__("diffusers").__version__, "tiny": args.tiny,
+        "runs": args.runs, "warmup": args.warmup, "measured_bf16_tflops": peak, "datasheet_bf16_tflops": datasheet,
+    })
+    print(f"{card}: bf16 matmul {peak} TFLOP/s (datasheet {datasheet})", flush=True)
+    if {"sdxl", "floor", "lora"} & set(args.sections):
+        guarded(report, "sdxl", "_section", lambda: sdxl_section(report, args, device, dtype, peak, deadline))
+    if "zoo" in args.sections:
+        guarded(report, "zoo", "_section", lambda: zoo_section(report, args, device))
+    if "flux" in args.sections and time.perf_counter() < deadline - 60:
+        guarded(report, "flux", "_section", lambda: flux_section(report, args, device, peak))
+    for sec in report.data["sections"].values():
+        if sec.get("_section") is None:
+            sec.pop("_section", None)
+    report.data["wall_s"] = round(time.perf_counter() - start, 1)
+    report.save()
+    md = markdown(report.data)
+    with open(os.path.join(args.out, "gpu_latency.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
