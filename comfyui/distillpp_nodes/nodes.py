@@ -299,6 +299,7 @@ class DistillppSampler:
     def INPUT_TYPES(cls):
         return {"required": {
             "sampler_name": (list(distillpp.SAMPLERS), {"default": "euler"}),
+        }, "optional": {
             "eta": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 10.0, "step": 0.01,
                               "tooltip": "-1: the sampler's default; else eta of ddim / ancestral samplers"}),
         }}
