@@ -480,8 +480,14 @@ def model_info(pipe: Any) -> dict:
         if ref is None:
             continue
         ident = getattr(ref, "repo", None) or getattr(ref, "path", None) or str(ref)
+        if ident == "none":
+            continue
         revision = getattr(ref, "revision", None)
         folder = getattr(ref, "local_dir", None) or (ident if os.path.isdir(str(ident)) else None)
+        if getattr(preset, "family", None) == "zoo":
+            from .zoo import model_dir
+
+            folder = model_dir(ident)
         if revision is None and folder is not None:
             revision = _weights_revision(Path(folder))
         out[role] = {"id": str(ident), "revision": revision}

@@ -1,0 +1,139 @@
+"""``distillpp batch`` on a stand-in pipeline: prompt files, seeds, refused folders and arguments."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distillpp import TeacherGuidance
+
+import distillpp.batch as batch
+from distillpp.cli import main as cli_main
+
+
+PROMPTS = ["Sneaker", "Bag", "Trouser", "Dress", "Coat"]
+
+
+class StandIn:
+    """The guided-pipeline interface in miniature (the zoo presets are exercised in test_batch_zoo.py):
+    each image depends on its own generator, its prompt and the guidance strength only."""
+
+    has_teacher = True
+
+    def __init__(self, name: str = "standin"):
+        self.preset = SimpleNamespace(name=name, num_inference_steps=4)
+        self.guidance = TeacherGuidance(strength=0.1)
+
+    def __call__(self, prompt, negative_prompt=None, generator=None, output_type="pil", guidance=None,
+                 num_inference_steps=None):
+        g = guidance or self.guidance
+        images = []
+        for p, gen in zip(prompt, generator):
+            x = torch.rand(28, 28, generator=gen) * (1 - g.strength) + (sum(map(ord, p)) % 7) / 7 * g.strength
+            images.append(Image.fromarray((x.numpy() * 255).round().astype(np.uint8), mode="L"))
+        return SimpleNamespace(images=images)
+
+
+def _prompt_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n\n")
+    return path
+
+
+def _args(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    return ["--preset", "standin", "--prompts", str(_prompt_file(tmp_path)), "--out", str(tmp_path / out),
+            "--images-per-prompt", "2", "--seed", "7", *extra]
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    monkeypatch.setattr(batch, "load_pipeline", lambda preset, device, overrides=None: StandIn(preset))
+
+
+def test_seeds_depend_on_base_seed_row_and_image_only():
+    a = batch.plan_items([batch.Row(0, "x"), batch.Row(1, "y", seed=100)], 3, base_seed=5)
+    b = batch.plan_items([batch.Row(0, "other prompt"), batch.Row(1, "z", seed=100)], 3, base_seed=5)
+    assert [i.seed for i in a] == [i.seed for i in b]
+    assert [i.seed for i in a[3:]] == [100, 101, 102]
+    assert len({i.seed for i in a[:3]}) == 3
+    c = batch.plan_items([batch.Row(0, "x")], 3, base_seed=6)
+    assert {i.seed for i in c}.isdisjoint(i.seed for i in a[:3])
+
+
+def test_prompt_files_jsonl_csv_and_errors(tmp_path):
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "Bag", "seed": 3}\n\n{"prompt": "Coat", "negative_prompt": "blurry"}\n')
+    assert batch.read_prompts(jl) == [batch.Row(0, "Bag", 3, None), batch.Row(1, "Coat", None, "blurry")]
+    cs = tmp_path / "p.csv"
+    cs.write_text("prompt,seed,negative_prompt\nBag,,\n\"Ankle boot\",4,x\n")
+    assert batch.read_prompts(cs) == [batch.Row(0, "Bag"), batch.Row(1, "Ankle boot", 4, "x")]
+    jl.write_text('{"prompt": "Bag"}\n{"prompt": "Coat", "seed": "x"}\n')
+    with pytest.raises(ValueError, match="line 2: 'seed'"):
+        batch.read_prompts(jl)
+    cs.write_text("text\nBag\n")
+    with pytest.raises(ValueError, match="'prompt' column"):
+        batch.read_prompts(cs)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        batch.read_prompts(tmp_path / "empty.txt")
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["batch", *argv])
+
+
+def _fails_with(capsys, argv: list[str], pattern: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and pattern in err, err
+
+
+def test_other_runs_foreign_and_corrupted_folders_are_refused(tmp_path, standin, capsys):
+    assert main(_args(tmp_path, "a")) == 0
+    capsys.readouterr()
+    _fails_with(capsys, _args(tmp_path, "a", "--strength", "0.2"),
+                "holds a run with different settings (settings.guidance.strength: 0.1 -> 0.2)")
+    _fails_with(capsys, _args(tmp_path, "a", "--images-per-prompt", "3"), "different settings")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    _fails_with(capsys, _args(tmp_path, "foreign"), "not a batch folder")
+    assert (foreign / "notes.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
+
+    shutil.copytree(tmp_path / "a", tmp_path / "tampered")
+    (tmp_path / "tampered" / "000002_001.png").write_bytes(b"not a png")
+    _fails_with(capsys, _args(tmp_path, "tampered"), "000002_001.png does not match its recorded checksum")
+    shutil.copytree(tmp_path / "a", tmp_path / "gone")
+    (tmp_path / "gone" / "000000_000.png").unlink()
+    _fails_with(capsys, _args(tmp_path, "gone"), "000000_000.png is missing")
+    shutil.copytree(tmp_path / "a", tmp_path / "badjournal")
+    part = next((tmp_path / "badjournal" / "parts").glob("part-*.jsonl"))
+    part.write_text("garbage\n" + part.read_text())
+    _fails_with(capsys, _args(tmp_path, "badjournal"), "line 1 is corrupted")
+    shutil.copytree(tmp_path / "a", tmp_path / "badconfig")
+    (tmp_path / "badconfig" / "batch_config.json").write_text("{")
+    _fails_with(capsys, _args(tmp_path, "badconfig"), "batch_config.json is corrupted")
+
+
+def test_bad_arguments_fail_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    def boom(*a, **k):
+        raise AssertionError("no model should load")
+
+    monkeypatch.setattr(batch, "load_pipeline", boom)
+    _fails_with(capsys, _args(tmp_path, "x", "--batch-size", "0"), "--batch-size must be >= 1")
+    _fails_with(capsys, _args(tmp_path, "x", "--images-per-prompt", "0"), "--images-per-prompt must be >= 1")
+    ov = tmp_path / "ov.json"
+    ov.write_text(json.dumps({"preset": "zoo-pd"}))
+    _fails_with(capsys, _args(tmp_path, "x", "--overrides", str(ov)), "not --preset 'standin'")
+    _fails_with(capsys, ["--prompts", str(_prompt_file(tmp_path)), "--out", str(tmp_path / "x")],
+                "--preset is required")
+    monkeypatch.setattr(batch, "load_pipeline", lambda preset, device, overrides=None: StandIn(preset))
+    _fails_with(capsys, _args(tmp_path, "x", "--strength", "1.5"), "strength must be in [0, 1]")
+    assert not (tmp_path / "x").exists()
