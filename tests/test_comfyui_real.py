@@ -267,3 +267,33 @@ def test_lora_guider_refuses_teacher_with_the_students_own_weights(cf):
     student = _lora(cf, base, 3)
     with pytest.raises(ValueError, match="same weights"):
         teacher_guider(cf, student, student.clone())
+
+
+WORKFLOWS = sorted((PACK.parent / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_example_workflows_pass_comfyui_validation(cf, path, tmp_path):
+    """ComfyUI's own prompt validation (node types, links, widget values) with empty placeholder model files."""
+    import json
+
+    import execution
+    import folder_paths
+
+    for extra in ("nodes_custom_sampler", "nodes_model_advanced", "nodes_flux", "nodes_sd3"):
+        ok = cf.nodes.load_custom_node(str(Path(COMFYUI_PATH) / "comfy_extras" / f"{extra}.py"),
+                                       module_parent="comfy_extras")
+        assert asyncio.run(ok) if asyncio.iscoroutine(ok) else ok
+    prompt = json.loads(path.read_text())
+    loaders = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "lora_name": "loras",
+               "vae_name": "vae", "clip_name1": "text_encoders", "clip_name2": "text_encoders"}
+    for node in prompt.values():
+        for key, folder in loaders.items():
+            if key in node["inputs"]:
+                (tmp_path / folder).mkdir(exist_ok=True)
+                (tmp_path / folder / node["inputs"][key]).touch()
+                folder_paths.add_model_folder_path(folder, str(tmp_path / folder))
+    folder_paths.filename_list_cache.clear()
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    assert valid, (error, node_errors)
+    assert outputs == ["23"]
