@@ -275,8 +275,12 @@ class Sampler:
 
 def sampling_table(report: Report, section: str, make: Callable[[str, int], Sampler], batches: list[int],
                    modes: list[tuple[str, int, bool]], runs: int, warmup: int, device: torch.device,
-                   floors: dict[int, float], accelerators: dict[str, Accelerator]) -> None:
-    """Eager and fast sampling for every mode and batch: latency, peak memory, first-call cost."""
+                   floors: dict[int, float], accelerators: dict[str, Accelerator], teacher_mult: int = 2) -> None:
+    """Eager and fast sampling for every mode and batch: latency, peak memory, first-call cost.
+
+    The graph floor of a mode is its forwards' graph times: ``steps`` student forwards at the batch,
+    plus one teacher forward at ``teacher_mult`` times it (2 with CFG) when guided.
+    """
     for batch in batches:
         for path in ("eager", "fast"):
             sampler = make(path, batch)
@@ -297,7 +301,7 @@ def sampling_table(report: Report, section: str, make: Callable[[str, int], Samp
                         res["captures"] = [{"net": r.name, "shape": r.signature, "s": round(r.seconds, 3)}
                                            for r in acc.records[n_before:]]
                     res["peak_mem_gib"] = peak_memory(lambda: sampler(steps, guided), device)
-                    f1, f2 = floors.get(batch), floors.get(2 * batch)
+                    f1, f2 = floors.get(batch), floors.get(teacher_mult * batch)
                     if f1 is not None and (not guided or f2 is not None):
                         floor = steps * f1 + (f2 if guided else 0.0)
                         res["graph_floor_ms"] = round(floor, 3)
@@ -374,7 +378,7 @@ class FP8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = x.reshape(-1, shape[-1]).contiguous()
         x_scale = (x2.abs().amax().float() / 448.0).clamp(min=1e-12)
         x_fp8 = (x2.float() / x_scale).to(torch.float8_e4m3fn)
         out = torch._scaled_mm(x_fp8, self.w_fp8_t, scale_a=x_scale, scale_b=self.w_scale, bias=self.bias,
@@ -394,86 +398,105 @@ def fp8_linears(module: torch.nn.Module) -> int:
     return n
 
 
-def floor_variants(report: Report, unet: Any, inputs_of: Callable[[int], tuple[tuple, dict]], runs: int,
-                   warmup: int, device: torch.device, peak_tflops: float | None, inductor: bool, deadline: float) -> None:
-    """Per-forward time of SDXL-size variants under our graphs, batch 1, and their output deviation."""
-    section = "sdxl floor (batch 1, under graphs)"
-    args, kwargs = inputs_of(1)
-    with torch.no_grad():
-        reference = unet_fn(unet)(*args, **kwargs).float()
-    flops = forward_flops(lambda: unet_fn(unet)(*args, **kwargs))
-    report.put(section, "flops_per_forward", flops)
+class FloorProbe:
+    """Per-forward time of SDXL-size variants under our graphs (batch 1) and their deviation from eager fp16."""
 
-    baseline: dict[str, float] = {}
+    def __init__(self, report: Report, section: str, unet: Any, inputs_of: Callable[[int], tuple[tuple, dict]],
+                 runs: int, warmup: int, device: torch.device, peak_tflops: float | None):
+        self.report, self.section, self.unet, self.device = report, section, unet, device
+        self.runs, self.warmup, self.peak = runs, warmup, peak_tflops
+        self.args, self.kwargs = inputs_of(1)
+        with torch.no_grad():
+            self.reference = unet_fn(unet)(*self.args, **self.kwargs).float()
+        self.flops = forward_flops(lambda: unet_fn(unet)(*self.args, **self.kwargs))
+        report.put(section, "flops_per_forward", self.flops)
+        self.baseline_ms: float | None = None
 
-    def run_variant(name: str, net: Any, setup: Callable[[], Any] | None = None) -> dict[str, Any]:
-        with contextlib.ExitStack() as stack:
-            if setup is not None:
-                stack.enter_context(setup())
-            acc = Accelerator("graphs", device)
-            g = acc.wrap(net, name)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = g(*args, **kwargs)
-            torch.cuda.synchronize(device)
-            first = time.perf_counter() - t0
-            res = time_it(lambda: g(*args, **kwargs), runs, warmup, device)
-        res["first_call_s"] = round(first, 2)
-        res["vs_eager_fp16_output"] = diff(out, reference)
-        res["tflops"] = round(flops / (res["median_ms"] * 1e-3) / 1e12, 1)
-        if peak_tflops:
-            res["fraction_of_measured_bf16_peak"] = round(res["tflops"] / peak_tflops, 3)
-        baseline.setdefault("ms", res["median_ms"])
-        res["vs_default_graph"] = round(res["median_ms"] / baseline["ms"], 3)
-        print(f"  floor {name:32s} {res['median_ms']:8.2f} ms  {res['tflops']:6.1f} TFLOP/s  "
-              f"rel diff {res['vs_eager_fp16_output']['max_rel']:.2e}  first {first:.1f} s", flush=True)
-        return res
+    def measure(self, name: str, net: Any, setup: Callable[[], Any] | None = None) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            with contextlib.ExitStack() as stack, torch.no_grad():
+                if setup is not None:
+                    stack.enter_context(setup())
+                acc = Accelerator("graphs", self.device)
+                g = acc.wrap(net, name)
+                t0 = time.perf_counter()
+                out = g(*self.args, **self.kwargs)
+                torch.cuda.synchronize(self.device)
+                first = time.perf_counter() - t0
+                res = time_it(lambda: g(*self.args, **self.kwargs), self.runs, self.warmup, self.device)
+                res["graphed"] = len(g) == 1 if isinstance(g, GraphedNet) else False
+            res["first_call_s"] = round(first, 2)
+            res["vs_eager_fp16_output"] = diff(out, self.reference)
+            res["tflops"] = round(self.flops / (res["median_ms"] * 1e-3) / 1e12, 1)
+            if self.peak:
+                res["fraction_of_measured_bf16_peak"] = round(res["tflops"] / self.peak, 3)
+            if self.baseline_ms is None:
+                self.baseline_ms = res["median_ms"]
+            res["vs_default_graph"] = round(res["median_ms"] / self.baseline_ms, 3)
+            print(f"  floor {name:32s} {res['median_ms']:8.2f} ms  {res['tflops']:6.1f} TFLOP/s  "
+                  f"rel diff {res['vs_eager_fp16_output']['max_rel']:.2e}  first {first:.1f} s", flush=True)
+            return res
 
-    base = unet_fn(unet)
-    guarded(report, section, "default (diffusers SDPA)", lambda: run_variant("default (diffusers SDPA)", base))
+        return guarded(self.report, self.section, name, run)
+
+
+def floor_variants(probe: FloorProbe) -> None:
+    """Default kernels, cuDNN attention, channels-last convolutions and fp8 linear layers, all under graphs."""
+    unet = probe.unet
+    probe.measure("default (diffusers SDPA)", unet_fn(unet))
 
     def cudnn():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
 
-    guarded(report, section, "cuDNN attention", lambda: run_variant("cuDNN attention", base, cudnn))
+    probe.measure("cuDNN attention", unet_fn(unet), cudnn)
 
+    @contextlib.contextmanager
     def channels_last():
         unet.to(memory_format=torch.channels_last)
         try:
-            return run_variant("channels-last convolutions", base)
+            yield
         finally:
             unet.to(memory_format=torch.contiguous_format)
 
-    guarded(report, section, "channels-last convolutions", channels_last)
+    probe.measure("channels-last convolutions", unet_fn(unet), channels_last)
+    if not (hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(probe.device) >= (8, 9)):
+        probe.report.put(probe.section, "fp8 linear layers", {"skipped": "no fp8 matmul on this card"})
+        return
+    import copy
 
-    def fp8():
-        import copy
+    fp8_unet = copy.deepcopy(unet)
+    n = fp8_linears(fp8_unet)
+    probe.report.put(probe.section, "fp8 linear layers swapped", n)
+    probe.measure("fp8 linear layers", unet_fn(fp8_unet))
+    del fp8_unet
+    free()
 
-        if not (hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (8, 9)):
-            return {"skipped": "no fp8 matmul on this card"}
-        fp8_unet = copy.deepcopy(unet)
-        n = fp8_linears(fp8_unet)
-        try:
-            res = run_variant(f"fp8 linear layers ({n})", unet_fn(fp8_unet))
-            res["linear_layers_swapped"] = n
-            return res
-        finally:
-            del fp8_unet
-            free()
 
-    guarded(report, section, "fp8 linear layers", fp8)
+def inductor_section(report: Report, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                     peak_tflops: float | None) -> None:
+    """Inductor-compiled kernels (default mode, static shapes) replayed from our graph, SDXL-size batch 1."""
+    from diffusers import UNet2DConditionModel
 
-    if inductor and time.perf_counter() < deadline - 200:
-        def compiled():
-            net = torch.compile(unet_fn(unet), dynamic=False)
-            return run_variant("inductor kernels under graphs", net)
+    unet = build(UNet2DConditionModel, str(device), dtype, 4, **unet_config(args.tiny))
+    side = args.size or (64 if args.tiny else 1024)
+    gen = torch.Generator(device).manual_seed(2)
 
-        guarded(report, section, "inductor kernels under graphs", compiled)
-    else:
-        report.put(section, "inductor kernels under graphs", {"skipped": "not enough time left in --budget-s"
-                                                              if inductor else "not asked (--inductor)"})
+    def inputs_of(b: int) -> tuple[tuple, dict]:
+        x = torch.randn(b, 4, side // 8, side // 8, generator=gen, device=device, dtype=dtype)
+        emb = torch.randn(b, 77, unet.config.cross_attention_dim, generator=gen, device=device, dtype=dtype)
+        pooled = torch.randn(b, 1280 if not args.tiny else 32, generator=gen, device=device, dtype=dtype)
+        time_ids = torch.tensor([side, side, 0, 0, side, side], device=device, dtype=dtype).repeat(b, 1)
+        return (x, torch.full((b,), 999.0, device=device)), {
+            "encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    probe = FloorProbe(report, "sdxl floor: inductor (batch 1)", unet, inputs_of, args.runs, args.warmup, device,
+                       peak_tflops)
+    probe.measure("default (diffusers SDPA)", unet_fn(unet))
+    probe.measure("inductor kernels under graphs", torch.compile(unet_fn(unet), dynamic=False))
+    del unet, probe
+    free()
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,8 +543,11 @@ def sdxl_section(report: Report, args: argparse.Namespace, device: torch.device,
     del vae
     free()
     if device.type == "cuda" and "floor" in args.sections and time.perf_counter() < deadline - 60:
-        floor_variants(report, student_unet, inputs_of, args.runs, args.warmup, device, peak_tflops,
-                       args.inductor, deadline)
+        floor_variants(FloorProbe(report, "sdxl floor (batch 1, under graphs)", student_unet, inputs_of, args.runs,
+                                  args.warmup, device, peak_tflops))
+    if "pipeline" in args.sections and time.perf_counter() < deadline - 120:
+        guarded(report, "sdxl pipeline", "_section",
+                lambda: pipeline_section(report, args, device, dtype, student_unet, side))
     if "lora" in args.sections and time.perf_counter() < deadline - 45:
         guarded(report, section, "equality: LoRA student / adapter-off teacher, fast vs eager guided 4+1 b1",
                 lambda: lora_equality(teacher_unet, lambda s_net, t_net: sdxl_sampler(
@@ -611,6 +637,79 @@ def sdxl_sampling(report: Report, args: argparse.Namespace, device: torch.device
 
     guarded(report, section, "equality: fast vs eager guided 4+1 b1 (latents)", equality)
     del accelerators
+    free()
+
+
+def pipeline_section(report: Report, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                     student_unet: Any, side: int) -> None:
+    """The real :class:`~distillpp.pipelines.DistillppPipeline` (random SDXL-size text encoders), eager and fast.
+
+    Pipeline calls with ``output_type="latent"`` include prompt encoding; encoding is also timed on its
+    own (diffusers' ``encode_prompt``), as is diffusers' own pipeline given the same prompt.
+    """
+    import tempfile
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from distillpp.accel import shared_accelerator
+    from distillpp.pipelines import DistillppPipeline
+    from sdxl_gpu_latency import make_components  # random SDXL-size text encoders and a byte-level tokenizer
+
+    section = "sdxl pipeline"
+    components, teacher_unet = make_components(args.tiny, str(device), dtype, tempfile.mkdtemp(prefix="gpu_latency_"))
+    components["scheduler"].register_to_config(steps_offset=1)
+    student_pipe = StableDiffusionXLPipeline(**components, unet=student_unet, force_zeros_for_empty_prompt=True,
+                                             add_watermarker=False)
+    student_pipe.set_progress_bar_config(disable=True)
+    prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+    common = dict(height=side, width=side, output_type="latent", num_inference_steps=4)
+
+    def encode():
+        return student_pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+
+    with torch.no_grad():
+        guarded(report, section, "prompt encoding b1 (eager, diffusers encode_prompt)",
+                lambda: time_it(encode, args.runs, args.warmup, device))
+
+    def diffusers_call():
+        return student_pipe(prompt, guidance_scale=0.0, generator=torch.Generator(device).manual_seed(0), **common)
+
+    def timed(call: Callable[[], Any], label: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first = time.perf_counter() - t0
+        res = time_it(call, args.runs, args.warmup, device)
+        res["first_call_s"] = round(first, 3)
+        res["peak_mem_gib"] = peak_memory(call, device)
+        print(f"  pipeline {label:30s} {res['median_ms']:9.1f} ms  [{res['min_ms']:.1f}, {res['max_ms']:.1f}]  "
+              f"first {first:.2f} s", flush=True)
+        return res
+
+    guarded(report, section, "diffusers eager plain 4 b1 (with encoding)", lambda: timed(diffusers_call, "diffusers"))
+    latents = {}
+    for mode in ("none", "graphs"):
+        pipe = DistillppPipeline(student_pipe, teacher_unet, compile=mode)
+        n_before = len(shared_accelerator(mode, device).records) if mode != "none" else 0
+        path = "eager" if mode == "none" else "fast"
+        for label, strength in (("plain 4", 0.0), ("guided 4+1", 0.05)):
+            def call(pipe=pipe, strength=strength):
+                return pipe(prompt, generator=torch.Generator(device).manual_seed(0), strength=strength,
+                            guided_steps=1, teacher_cfg=TEACHER_CFG, **common)
+
+            res = guarded(report, section, f"{path} {label} b1 (with encoding)", lambda: timed(call, f"{path} {label}"))
+            if "median_ms" in res and label == "guided 4+1":
+                latents[path] = call().images
+        if mode != "none":
+            recs = shared_accelerator(mode, device).records[n_before:]
+            report.put(section, "first calls (fast path)", [{"net": r.name, "shape": r.signature,
+                                                             "s": round(r.seconds, 3)} for r in recs])
+        del pipe
+    if len(latents) == 2:
+        report.put(section, "equality: fast vs eager guided 4+1 b1 (latents)", diff(latents["fast"], latents["eager"]))
+    del student_pipe, teacher_unet, components
     free()
 
 
@@ -717,7 +816,7 @@ def flux_section(report: Report, args: argparse.Namespace, device: torch.device,
 
     modes = [("plain 4", 4, False), ("guided 4+1", 4, True)] + ([("plain 5", 5, False)] if args.flux_plain5 else [])
     sampling_table(report, section, make, args.flux_sample_batches, modes, args.runs, args.warmup, device, floors,
-                   accelerators)
+                   accelerators, teacher_mult=1)
 
     def equality():
         eager = make("eager", 1)(4, True, seed=7)
@@ -843,9 +942,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flux-plain5", action="store_true", help="also time FLUX plain 5 steps")
     parser.add_argument("--flux-layers", type=int, default=None, help="FLUX double blocks (default 19, the real size)")
     parser.add_argument("--flux-single-layers", type=int, default=None, help="FLUX single blocks (default 38)")
-    parser.add_argument("--sections", default="sdxl,floor,lora,zoo,flux",
-                        help="comma-separated: sdxl (forwards, sampling), floor (SDXL floor variants), lora, zoo, flux")
-    parser.add_argument("--inductor", action="store_true", help="also try inductor kernels under graphs (minutes)")
+    parser.add_argument("--sections", default="sdxl,floor,lora,pipeline,zoo,flux",
+                        help="comma-separated: sdxl (forwards, sampling), floor (SDXL floor variants), lora, pipeline "
+                             "(the real DistillppPipeline, eager and compile='graphs'), zoo, flux")
+    parser.add_argument("--inductor", action="store_true",
+                        help="last: inductor kernels under graphs for SDXL-size batch 1 (compiles for minutes)")
     parser.add_argument("--budget-s", type=float, default=540, help="skip optional parts past this wall time")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -873,12 +974,18 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs, "warmup": args.warmup, "measured_bf16_tflops": peak, "datasheet_bf16_tflops": datasheet,
     })
     print(f"{card}: bf16 matmul {peak} TFLOP/s (datasheet {datasheet})", flush=True)
-    if {"sdxl", "floor", "lora"} & set(args.sections):
+    if {"sdxl", "floor", "lora", "pipeline"} & set(args.sections):
         guarded(report, "sdxl", "_section", lambda: sdxl_section(report, args, device, dtype, peak, deadline))
     if "zoo" in args.sections:
         guarded(report, "zoo", "_section", lambda: zoo_section(report, args, device))
     if "flux" in args.sections and time.perf_counter() < deadline - 60:
         guarded(report, "flux", "_section", lambda: flux_section(report, args, device, peak))
+    if args.inductor and device.type == "cuda":
+        if time.perf_counter() < deadline - 200:
+            guarded(report, "sdxl floor: inductor (batch 1)", "_section",
+                    lambda: inductor_section(report, args, device, dtype, peak))
+        else:
+            report.put("sdxl floor: inductor (batch 1)", "skipped", "not enough time left in --budget-s")
     for sec in report.data["sections"].values():
         if sec.get("_section") is None:
             sec.pop("_section", None)

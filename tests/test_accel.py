@@ -124,12 +124,32 @@ def test_keys_separate_shapes_dtypes_and_values():
     assert g.key(x, t) == g.key(torch.randn(1, 4, 8, 8), torch.full((1,), 7.0))
 
 
-def test_gradients_enabled_run_eagerly_without_capture():
+def test_autograd_calls_run_eagerly_and_frozen_inference_is_replayed():
     capture = FakeCapture()
-    g = graphed(scaled_net, capture)
+    g = graphed(scaled_net, capture)  # no module known: with gradients on, it may need autograd
     with torch.enable_grad():
         g(torch.randn(1, 2), torch.ones(1))
     assert capture.count == 0 and g.eager_calls == 1
+
+    lin = torch.nn.Linear(2, 2)
+
+    def net(sample, timestep):
+        return lin(sample)
+
+    net.model = lin
+    capture = FakeCapture()
+    g = graphed(net, capture)
+    with torch.enable_grad():
+        out = g(torch.randn(1, 2), torch.ones(1))  # trainable weights
+    assert capture.count == 0 and out.requires_grad
+    lin.requires_grad_(False)
+    g = graphed(net, capture)
+    with torch.enable_grad():
+        g(torch.randn(1, 2), torch.ones(1))  # frozen weights, plain inputs: nothing for autograd to record
+        assert capture.count == 1
+        x = torch.randn(1, 2, requires_grad=True)
+        assert g(x, torch.ones(1)).requires_grad  # an input that needs a gradient runs eagerly
+    assert capture.count == 1 and g.eager_calls == 1
 
 
 def test_failed_capture_warns_once_and_runs_eagerly():

@@ -187,6 +187,10 @@ class _NetState:
             adapters = None
         return ("adapters", adapters)
 
+    def trainable(self) -> bool:
+        """Whether a call may need autograd: the module has trainable weights, or no module is known."""
+        return self.module is None or any(p.requires_grad for p in self.module.parameters())
+
     def weights_token(self) -> tuple | None:
         if self.module is None:
             return None
@@ -249,8 +253,10 @@ class GraphedNet:
     """``net(sample, timestep, **cond)`` replayed from CUDA graphs, one per input signature.
 
     Returned outputs are fresh tensors (copied out of the graph's static outputs), so they stay
-    valid across later calls. Calls with gradients enabled, with a tensor off ``device``, or with an
-    argument that cannot be keyed run eagerly, as does every new signature beyond ``max_graphs``.
+    valid across later calls. Calls that may need autograd (gradients enabled and an input or a
+    weight that requires grad; weights frozen after wrapping are noticed when they move), with a
+    tensor off ``device``, or with an argument that cannot be keyed run eagerly, as does every new
+    signature beyond ``max_graphs``.
 
     Args:
         net: the network callable.
@@ -284,6 +290,7 @@ class GraphedNet:
         self._capture_fn = capture
         self._state = _NetState(net)
         self._weights = self._state.weights_token()
+        self._trainable = self._state.trainable()
         self._graphs: dict[tuple, _Graph] = {}
         self._eager_keys: set[tuple] = set()
         self.replays = 0
@@ -312,14 +319,15 @@ class GraphedNet:
         return len(self._graphs)
 
     def __call__(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> Any:
-        if torch.is_grad_enabled():
-            self.eager_calls += 1
-            return self.net(sample, timestep, **cond)
         token = self._state.weights_token()
         if token != self._weights:  # weights moved or were replaced: every graph reads stale addresses
             self.reset()
             self._weights = token
+            self._trainable = self._state.trainable()
         key, spec, tensors = self._key_and_tensors(sample, timestep, cond)
+        if torch.is_grad_enabled() and (self._trainable or any(t.requires_grad for t in tensors)):
+            self.eager_calls += 1  # a replayed graph records nothing for autograd
+            return self.net(sample, timestep, **cond)
         graph = self._graphs.get(key)
         started = None
         if graph is None:
