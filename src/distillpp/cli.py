@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "train": ("distillpp.zoo.train", "train the Fashion-MNIST teacher, students and classifier"),
     "batch": ("distillpp.batch", "many images from a preset: deterministic, resumable, over torchrun or Ray"),
     "eval": ("distillpp.evaluate_cli", "FID, precision/recall (and CLIP score) of a folder of images"),
+    "ui": ("distillpp.ui", "local web app: student vs teacher-guided images for the same seeds, per-step corrections"),
 }
 
 
