@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import distillpp
-from distillpp.schedules import initial_sample
+from distillpp.schedules import DiscreteVPSchedule, initial_sample
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 PACK = Path(__file__).resolve().parents[1] / "comfyui" / "distillpp_nodes"
@@ -146,6 +146,7 @@ def _vp_denoiser(model):
     """distillpp's VE denoiser straight from ComfyUI's BaseModel.apply_model (eps models return x0)."""
     def denoise(x, sigma, c_crossattn):
         return model.apply_model(x, sigma, c_crossattn=c_crossattn.repeat(x.shape[0] // c_crossattn.shape[0], 1, 1))
+    denoise.schedule = DiscreteVPSchedule.from_betas()  # SD's table, the tiny SD1.5 config's (declared like ours)
     return denoise
 
 
@@ -183,8 +184,9 @@ def test_guided_run_equals_library(cf, sampler, flow):
     student, teacher = build(cf, 0, flow), build(cf, 1, flow)
     sigmas = preset(cf, student, "flux-schnell" if flow else "lightning")
     space = "eps" if sampler == "consistency" else "x0"
-    guider = teacher_guider(cf, student, teacher, space=space, samples=2, renoise="random" if flow else "next",
-                            student_cfg=1.5)
+    # renoise "random" draws flow times (flow) or the teacher's integer timesteps (eps: its declared schedule).
+    renoise = "random" if flow or sampler in ("ddim", "euler_ancestral") else "next"
+    guider = teacher_guider(cf, student, teacher, space=space, samples=2, renoise=renoise, student_cfg=1.5)
     out = run(cf, guider, our_sampler(cf, sampler), sigmas)
     ref = library_reference(student.model, teacher.model, sigmas, sampler, guider.guidance, flow, student_cfg=1.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

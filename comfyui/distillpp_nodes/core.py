@@ -183,11 +183,14 @@ class VEDenoiser:
     Args:
         fn: ``fn(x, sigma, **kw)`` with ``sigma`` a ``[batch]`` tensor in ComfyUI's coordinates.
         kind: ``"ve"`` or ``"flow"``.
+        schedule: a discrete model's noise table, declared as ``schedule`` like distillpp's own
+            denoisers do: ``renoise="random"`` then draws the teacher's integer timesteps.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], kind: str):
+    def __init__(self, fn: Callable[..., torch.Tensor], kind: str, schedule: DiscreteVPSchedule | None = None):
         self.fn = fn
         self.kind = _check_kind(kind)
+        self.schedule = schedule
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
         if self.kind == "ve":

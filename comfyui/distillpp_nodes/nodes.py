@@ -97,9 +97,6 @@ class TeacherGuider(comfy.samplers.CFGGuider):
     def student_kind(self) -> str:
         return model_kind(self.inner_model.model_sampling)
 
-    def teacher_kind(self) -> str:
-        return model_kind(self.teacher_patcher.get_model_object("model_sampling"))
-
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
         self.teacher_model = self.teacher_patcher.model
         conds = {k: [c.copy() for c in v] for k, v in self.teacher_original_conds.items()}
@@ -135,7 +132,8 @@ class TeacherGuider(comfy.samplers.CFGGuider):
         """The student's CFG x0 (no teacher) as a VE denoiser."""
         def fn(x, sigma):
             return comfy.samplers.CFGGuider.__call__(self, x, sigma, model_options=model_options, seed=seed)
-        return core.VEDenoiser(fn, self.student_kind())
+        model_sampling = self.inner_model.model_sampling
+        return core.VEDenoiser(fn, model_kind(model_sampling), declared_schedule(model_sampling))
 
     def teacher_denoiser(self) -> core.VEDenoiser:
         """The teacher's CFG x0 (``cfg_scale=`` overrides its scale) as a VE denoiser."""
@@ -145,7 +143,9 @@ class TeacherGuider(comfy.samplers.CFGGuider):
                 return comfy.samplers.sampling_function(
                     self.teacher_model, x, sigma, self.teacher_conds.get("negative"),
                     self.teacher_conds.get("positive"), cfg, model_options=self.teacher_options, seed=self._seed)
-        return core.VEDenoiser(fn, self.teacher_kind())
+        with self._teacher_weights():  # a shared module holds the student's model sampling otherwise
+            model_sampling = self.teacher_patcher.get_model_object("model_sampling")
+        return core.VEDenoiser(fn, model_kind(model_sampling), declared_schedule(model_sampling))
 
     @contextlib.contextmanager
     def _teacher_weights(self) -> Iterator[None]:
@@ -231,21 +231,29 @@ class DistillppSamplerObject(comfy.samplers.Sampler):
             student = model_wrap.student_denoiser(model_options, seed)
             teacher, guidance = model_wrap.teacher_denoiser(), model_wrap.guidance
         else:
-            student = core.VEDenoiser(
-                lambda x, s: model_wrap(x, s, model_options=model_options, seed=seed), kind)
+            student = core.VEDenoiser(lambda x, s: model_wrap(x, s, model_options=model_options, seed=seed), kind,
+                                      declared_schedule(model_sampling))
         out = core.run_sampler(self.sampler_name, student, x, sigmas, kind, teacher=teacher, guidance=guidance,
                                generator=generator, callback=callback, disable=disable_pbar, **self.kwargs)
         return model_sampling.inverse_noise_scaling(sigmas[-1], out)
 
 
-def _comfy_schedule(model: Any) -> Any:
-    model_sampling = model.get_model_object("model_sampling")
+def comfy_schedule(model_sampling: Any) -> Any:
+    """The library's noise table of a discrete eps/v model's ``ModelSamplingDiscrete``, else ValueError."""
     if model_kind(model_sampling) != "ve" or not hasattr(model_sampling, "linear_start"):
         raise ValueError(f"model: this preset needs a discrete eps/v model (SD1.x/SD2/SDXL), got "
                          f"{type(model_sampling).__name__}")
     table = getattr(model_sampling, "sigmas", None)
     return core.schedule_from_comfy(getattr(model_sampling, "num_timesteps", 1000), model_sampling.linear_start,
                                     model_sampling.linear_end, bool(getattr(model_sampling, "zsnr", False)), table)
+
+
+def declared_schedule(model_sampling: Any) -> Any:
+    """:func:`comfy_schedule`, or ``None`` for models without a discrete scaled-linear table (flow, EDM)."""
+    try:
+        return comfy_schedule(model_sampling)
+    except ValueError:
+        return None
 
 
 class DistillppTeacherGuider:
@@ -340,7 +348,7 @@ class DistillppSigmaPreset:
             if kind != "flow":
                 raise ValueError("model: the flux-schnell preset needs a flow-matching (CONST) model")
             return (core.preset_sigmas(preset, steps),)
-        return (core.preset_sigmas(preset, steps, _comfy_schedule(model), ts),)
+        return (core.preset_sigmas(preset, steps, comfy_schedule(model.get_model_object("model_sampling")), ts),)
 
 
 NODE_CLASS_MAPPINGS = {
