@@ -22,6 +22,7 @@ import importlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -145,7 +146,9 @@ def load_extractor(spec: str, device: Any = "cpu", batch_size: int = 1000) -> Fe
                 "(torch.jit.save of a network from float RGB [N, 3, H, W] in [0, 1] to [N, dim] features), or "
                 "package.module:factory; weights are never downloaded"
             )
-        net = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; it still loads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net = torch.jit.load(str(path), map_location=device)
     if not isinstance(net, torch.nn.Module):
         raise ValueError(f"--features {spec}: expected a torch.nn.Module, got {type(net).__name__}")
     net = net.to(device).eval()
@@ -257,6 +260,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.stats and not Path(args.stats).is_file():
+        raise FileNotFoundError(f"--stats: no such file: {args.stats} (write one with --save-stats)")
+    if args.reference and not Path(args.reference).is_dir():
+        raise FileNotFoundError(f"--reference: no such folder: {args.reference}")
     t0 = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     files = _image_files(args.images, "--images")
