@@ -37,6 +37,16 @@ from .metrics import (
     load_test_set,
     sample_forwards,
 )
+from .cli import (
+    add_seeds_argument,
+    check_device,
+    check_out_dir,
+    finite_float,
+    non_negative_int,
+    parse_int_list,
+    positive_int,
+    staged_outputs,
+)
 from .metrics.evaluate import classifier_outputs
 
 __all__ = ["add_arguments", "run", "GUIDANCE_PRESETS", "CLASS_NAMES", "build_methods", "comparison_grid"]
@@ -57,20 +67,6 @@ GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
 STUDENTS = tuple(TEACHER_OF)
 
 
-def _int_list(text: str) -> list[int]:
-    out: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            out.extend(range(int(lo), int(hi) + 1))
-        else:
-            out.append(int(part))
-    return out
-
-
 def parse_classes(text: str) -> list[int]:
     """``"all"``, or comma-separated class indices (0-9), ranges (``2-5``) or names (``sneaker``)."""
     if str(text).strip().lower() == "all":
@@ -85,7 +81,7 @@ def parse_classes(text: str) -> list[int]:
             out.append(names[part.lower()])
             continue
         try:
-            out.extend(_int_list(part))
+            out.extend(parse_int_list(part, "--classes"))
         except ValueError:
             raise ValueError(
                 f"--classes must be 'all' or indices 0-9 / class names ({', '.join(CLASS_NAMES)}); got {part!r}"
@@ -95,24 +91,17 @@ def parse_classes(text: str) -> list[int]:
     return out
 
 
-def parse_seeds(text: str) -> list[int]:
-    """Comma-separated seeds or ranges (``0,1`` or ``0-3``)."""
-    try:
-        seeds = _int_list(text)
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers or ranges like 0-3, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise ValueError(f"--seeds must be non-negative integers, got {text!r}")
-    return seeds
+def parse_seeds(text: str | int | Sequence[str | int]) -> list[int]:
+    """Seeds: space- or comma-separated integers >= 0 and ranges (``"0,1"``, ``["0", "2-3"]``), as every subcommand."""
+    return parse_int_list(text, "--seeds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``distillpp demo``."""
     parser.add_argument("--classes", default="all",
                         help="classes to sample: 'all', indices 0-9, ranges (2-5) or names (sneaker,bag)")
-    parser.add_argument("--seeds", default="0,1",
-                        help="sampling seeds, comma-separated or a range; each seed is one grid column per class")
-    parser.add_argument("--per-class", type=int, default=1,
+    add_seeds_argument(parser, (0, 1), "sampling seeds; each seed is one grid column per class")
+    parser.add_argument("--per-class", type=positive_int, default=1,
                         help="samples per class and seed (the grid shows the first; metrics use all)")
     parser.add_argument("--students", default=",".join(STUDENTS),
                         help=f"students to show, comma-separated, from {', '.join(STUDENTS)}")
@@ -121,17 +110,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: each student's preset, see distillpp.demo.GUIDANCE_PRESETS)")
     parser.add_argument("--space", choices=("x0", "eps"), default=None,
                         help="fusion space of the guidance (default: each student's preset)")
-    parser.add_argument("--guided-steps", type=int, default=1,
+    parser.add_argument("--guided-steps", type=positive_int, default=1,
                         help="how many leading student steps are guided by the teacher")
     parser.add_argument("--renoise", choices=("next", "same", "random"), default="next",
                         help="teacher noise level: next (the paper's s = t - dt), same (s = t), random")
-    parser.add_argument("--teacher-cfg", type=float, default=None,
+    parser.add_argument("--teacher-cfg", type=finite_float, default=None,
                         help="the teacher's CFG scale during guidance (default: each student's preset)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=non_negative_int, default=0,
                         help="CPU threads (0: the cores other processes leave idle, by the load average)")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per sampler call")
-    parser.add_argument("--out", default="./distillpp-out", help="output folder")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per sampler call")
+    parser.add_argument("--out", default="./distillpp-out",
+                        help="output folder (demo_grid.png, demo_metrics.md/.json; written when the run completes)")
     parser.add_argument("--models-dir", default=None,
                         help="folder with the zoo's model folders (default: the weights shipped in the package)")
     parser.add_argument("--data-dir", default=None,
@@ -267,7 +257,8 @@ def _test_features(classifier: Any, args: argparse.Namespace, zoo: Any, cache_di
             bar.update(f.shape[0])
     feats = torch.cat(feats)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats.contiguous()}, path)
+    with staged_outputs(path) as (tmp,):  # an interrupted write must not leave a cache entry to load later
+        save_file({"features": feats.contiguous()}, tmp)
     return RealFeatures(feats)
 
 
@@ -291,32 +282,58 @@ def _fmt(v: Any, digits: int) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
-def run(args: argparse.Namespace, zoo: Any = None) -> int:
-    """Run the demo (see the module docstring). ``zoo`` replaces :mod:`distillpp.zoo` (tests)."""
-    threads = torch.get_num_threads()
-    if torch.device(args.device).type == "cpu":
-        torch.set_num_threads(cpu_threads(getattr(args, "threads", 0)))
-    try:
-        return _run(args, zoo)
-    finally:
-        torch.set_num_threads(threads)
+def check_args(args: argparse.Namespace) -> tuple[list[int], list[int], list[str]]:
+    """Validate every option before anything is loaded; returns ``(classes, seeds, students)``.
 
+    Also creates the ``--out`` folder, so that an unusable one fails now rather than after sampling.
 
-def _run(args: argparse.Namespace, zoo: Any) -> int:
-    from tqdm.auto import tqdm
-
-    t_start = time.perf_counter()
+    Raises:
+        ValueError: naming the option.
+    """
     classes, seeds = parse_classes(args.classes), parse_seeds(args.seeds)
-    if args.per_class < 1:
-        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
-    if args.guided_steps < 1:
-        raise ValueError(f"--guided-steps must be >= 1, got {args.guided_steps}")
-    if args.strength is not None and not 0.0 <= args.strength <= 1.0:
+    for option, value, minimum in (("--per-class", args.per_class, 1), ("--guided-steps", args.guided_steps, 1),
+                                   ("--batch-size", args.batch_size, 1), ("--threads", getattr(args, "threads", 0), 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{option} must be an integer >= {minimum}, got {value!r}")
+    if args.strength is not None and not 0.0 <= args.strength <= 1.0:  # also refuses NaN
         raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
+    if args.teacher_cfg is not None and not math.isfinite(args.teacher_cfg):
+        raise ValueError(f"--teacher-cfg must be a finite number, got {args.teacher_cfg}")
     students = [s.strip() for s in str(args.students).split(",") if s.strip()]
     unknown = [s for s in students if s not in TEACHER_OF]
     if not students or unknown:
         raise ValueError(f"--students must be from {', '.join(STUDENTS)}; got {args.students!r}")
+    if args.models_dir is not None and not Path(args.models_dir).is_dir():
+        raise ValueError(f"--models-dir {args.models_dir}: no such folder")
+    check_device(args.device)
+    check_out_dir(args.out)
+    return classes, seeds, students
+
+
+def run(args: argparse.Namespace, zoo: Any = None) -> int:
+    """Run the demo (see the module docstring). ``zoo`` replaces :mod:`distillpp.zoo` (tests).
+
+    Args:
+        args: the options of :func:`add_arguments`.
+        zoo: a stand-in for :mod:`distillpp.zoo` (tests).
+
+    Raises:
+        ValueError: a bad option (see :func:`check_args`), before any model is loaded.
+    """
+    checked = check_args(args)
+    threads = torch.get_num_threads()
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(cpu_threads(getattr(args, "threads", 0)))
+    try:
+        return _run(args, zoo, *checked)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, zoo: Any, classes: list[int], seeds: list[int], students: list[str]) -> int:
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
     quiet = bool(args.quiet)
 
     def log(msg: str) -> None:
@@ -325,7 +342,6 @@ def _run(args: argparse.Namespace, zoo: Any) -> int:
 
     zoo = zoo if zoo is not None else get_zoo()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     models = ModelCache(zoo, device=args.device, models_dir=args.models_dir)
     notes: list[str] = []
 
@@ -367,8 +383,8 @@ def _run(args: argparse.Namespace, zoo: Any) -> int:
     for i, method in enumerate(methods):
         title, detail = _row_label(method, models)
         rows.append((title, detail, torch.cat([batch[first] for batch in images[i]])))
+    grid_image = comparison_grid(rows, columns)
     grid_path = out / "demo_grid.png"
-    comparison_grid(rows, columns).save(grid_path)
 
     # Metrics.
     all_labels = labels.repeat(len(seeds))
@@ -377,6 +393,7 @@ def _run(args: argparse.Namespace, zoo: Any) -> int:
         classifier = models.classifier()
     except FileNotFoundError as err:
         notes.append(f"class consistency and FID skipped: {err}")
+    n_method = len(seeds) * n_per_seed
     if args.no_fid:
         fid_skipped = "--no-fid was given"
     elif classifier is None:
@@ -386,6 +403,9 @@ def _run(args: argparse.Namespace, zoo: Any) -> int:
             real = _test_features(classifier, args, zoo, out / "cache", quiet)
         except FileNotFoundError as err:
             fid_skipped = str(err)
+        if real is not None and n_method < 2:  # a covariance needs two samples; the rest of the report holds
+            real, fid_skipped = None, (f"FID needs at least 2 samples per method, got {n_method} "
+                                       "(add classes or seeds, or raise --per-class)")
     results = []
     for i, method in enumerate(methods):
         x = torch.cat(images[i])
@@ -407,7 +427,6 @@ def _run(args: argparse.Namespace, zoo: Any) -> int:
             "nonfinite_samples": metrics.get("nonfinite"),
         })
 
-    n_method = len(seeds) * n_per_seed
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": _command_line(),
@@ -429,8 +448,11 @@ def _run(args: argparse.Namespace, zoo: Any) -> int:
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     json_path, md_path = out / "demo_metrics.json", out / "demo_metrics.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(_markdown(report))
+    # All three appear together, only now: an interrupted run leaves no grid without its metrics.
+    with staged_outputs(grid_path, json_path, md_path) as (grid_tmp, json_tmp, md_tmp):
+        grid_image.save(grid_tmp)
+        json_tmp.write_text(json.dumps(report, indent=2) + "\n")
+        md_tmp.write_text(_markdown(report))
 
     log(f"done in {report['total_seconds']:.0f}s")
     print(f"grid:    {grid_path}")

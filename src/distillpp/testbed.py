@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .analytic import GaussianMixture, GaussianMixtureDenoiser, energy_distance, mode_weights
 from .api import sample
+from .cli import add_seeds_argument, check_out_dir, positive_int, staged_outputs, unit_float
 from .guidance import TeacherGuidance
 from .metrics.evaluate import mean_std
 from .schedules import karras_sigmas
@@ -131,38 +132,51 @@ def save_grid_png(panels: list[tuple[str, torch.Tensor]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n", type=int, default=4000, help="samples per configuration")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.1, 0.3, 0.6], help="strengths to sweep")
-    p.add_argument("--out", type=Path, default=Path("distillpp-out/testbed"), help="output folder")
+    """Options of ``distillpp testbed``."""
+    p.add_argument("--n", type=positive_int, default=4000, help="samples per configuration (at least 10)")
+    add_seeds_argument(p, (0, 1, 2), "sampling seeds")
+    p.add_argument("--strengths", type=unit_float, nargs="+", default=[0.1, 0.3, 0.6],
+                   help="guidance strengths to sweep, each in [0, 1]")
+    p.add_argument("--out", type=Path, default=Path("distillpp-out/testbed"),
+                   help="output folder (testbed.md/.json/.png; written when the run completes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the study and write ``testbed.md``, ``testbed.json`` and ``testbed.png`` under ``--out``.
+
+    Args:
+        args: the options of :func:`add_arguments`.
+
+    Raises:
+        ValueError: a bad option, before any sampling.
+    """
     if args.n < 10:
         raise ValueError(f"--n must be >= 10, got {args.n}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(args.out)
     start = time.time()
     results = study(args.n, tuple(args.seeds), tuple(args.strengths), progress=not args.quiet)
     rows = _aggregate(results)
     table = markdown_table(rows)
-    (args.out / "testbed.md").write_text(
-        f"# Teacher guidance on an exact Gaussian-mixture teacher\n\n"
-        f"Command: `distillpp testbed --n {args.n} --seeds {' '.join(map(str, args.seeds))}`; "
-        f"CPU; {time.strftime('%Y-%m-%d')}; {time.time() - start:.0f} s.\n\n"
-        f"4-step Karras grid (sigma 20 -> 0.02); energy distance to {args.n} true samples "
-        f"(lower is better); mode-weight TV: total variation between the fraction of samples "
-        f"nearest each mode and the true weights.\n\n{table}\n")
-    (args.out / "testbed.json").write_text(json.dumps(
-        {"command": "distillpp testbed", "n": args.n, "seeds": args.seeds, "rows": rows}, indent=1))
     # Picture: truth, the weight-biased student alone, and guided on its first two steps.
     ref, _ = TRUE_MIXTURE.sample(args.n, torch.Generator().manual_seed(12345))
     student = biased_students()["weights"]
     plain, _, _ = run_config(student, "euler", None, args.n, 0, ref)
     guided, _, _ = run_config(student, "euler", TeacherGuidance(strength=0.6, steps=2), args.n, 0, ref)
     same, _, _ = run_config(student, "euler", TeacherGuidance(strength=0.6, steps=2, renoise="same"), args.n, 0, ref)
-    save_grid_png([("true", ref), ("student", plain), ("guided next", guided), ("guided same", same)],
-                  args.out / "testbed.png")
+    # The three files appear together when all is done (an interrupted run leaves none half-written).
+    paths = [args.out / "testbed.md", args.out / "testbed.json", args.out / "testbed.png"]
+    with staged_outputs(*paths) as (md_tmp, json_tmp, png_tmp):
+        md_tmp.write_text(
+            f"# Teacher guidance on an exact Gaussian-mixture teacher\n\n"
+            f"Command: `distillpp testbed --n {args.n} --seeds {' '.join(map(str, args.seeds))}`; "
+            f"CPU; {time.strftime('%Y-%m-%d')}; {time.time() - start:.0f} s.\n\n"
+            f"4-step Karras grid (sigma 20 -> 0.02); energy distance to {args.n} true samples "
+            f"(lower is better); mode-weight TV: total variation between the fraction of samples "
+            f"nearest each mode and the true weights.\n\n{table}\n")
+        json_tmp.write_text(json.dumps(
+            {"command": "distillpp testbed", "n": args.n, "seeds": args.seeds, "rows": rows}, indent=1))
+        save_grid_png([("true", ref), ("student", plain), ("guided next", guided), ("guided same", same)], png_tmp)
     print(table)
     print(f"\nwrote {args.out / 'testbed.md'}, {args.out / 'testbed.json'}, {args.out / 'testbed.png'}")
     return 0

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import sample
+from ..cli import check_device, check_out_dir, finite_float, positive_float, positive_int, unit_float
 from ..denoisers import CFGDenoiser, DiscreteVPDenoiser, FlowDenoiser, LCMDenoiser, append_dims, unet_fn
 from ..schedules import DiscreteVPSchedule, ddim_sigmas, initial_sample
 from . import TEACHER_CFG, flow_grid
@@ -590,49 +591,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--out", default=str(Path(__file__).resolve().parent / "models"),
                        help="models folder; weights go to OUT/<what>/ (default: the package's %(default)s)")
         p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-        p.add_argument("--minutes", type=float, default=30.0,
+        p.add_argument("--minutes", type=positive_float, default=30.0,
                        help="wall-clock budget, counted from process start (default: %(default)s)")
-        p.add_argument("--max-steps", type=int, default=None, help="step budget (default: unlimited; 2 with --tiny)")
-        p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {batch}; 8 with --tiny)")
-        p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {lr:g})")
+        p.add_argument("--max-steps", type=positive_int, default=None, help="step budget (default: unlimited; 2 with --tiny)")
+        p.add_argument("--batch-size", type=positive_int, default=None, help=f"batch size (default: {batch}; 8 with --tiny)")
+        p.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate (default: {lr:g})")
         p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
         p.add_argument("--tiny", action="store_true", help="tiny networks and 2 steps, for CPU tests")
-        p.add_argument("--save-every", type=float, default=1.0,
+        p.add_argument("--save-every", type=positive_float, default=1.0,
                        help="minutes between checkpoints (default: %(default)s)")
-        p.add_argument("--log-every", type=int, default=None,
+        p.add_argument("--log-every", type=positive_int, default=None,
                        help="steps between progress lines (default: 200; 1 with --tiny)")
         if what == "teacher":
             p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                            help="what the UNet predicts; students inherit it (default: %(default)s)")
         if what in ("teacher", "flow-teacher"):
-            p.add_argument("--p-uncond", type=float, default=0.12,
+            p.add_argument("--p-uncond", type=unit_float, default=0.12,
                            help="label dropout rate, to the null label 10 (default: %(default)s)")
         if what != "classifier":
-            p.add_argument("--ema", type=float, default=0.95 if what == "lcm" else 0.999,
+            p.add_argument("--ema", type=unit_float, default=0.95 if what == "lcm" else 0.999,
                            help=("EMA decay of the consistency target" if what == "lcm" else "EMA decay")
                            + " (default: %(default)s)")
         if what in ("lcm", "pd", "flow-student"):
             teacher = "flow-teacher" if what == "flow-student" else "teacher"
             p.add_argument("--teacher", default=None, help=f"teacher folder (default: OUT/{teacher})")
-            p.add_argument("--cfg", type=float, default=TEACHER_CFG,
+            p.add_argument("--cfg", type=finite_float, default=TEACHER_CFG,
                            help="teacher CFG scale baked into the student (default: %(default)s)")
         if what == "lcm":
-            p.add_argument("--huber-c", type=float, default=None,
+            p.add_argument("--huber-c", type=positive_float, default=None,
                            help="pseudo-Huber c (default: 0.00054 sqrt(pixels), 0.017 here)")
         if what == "pd":
-            p.add_argument("--teacher-steps", type=int, default=16,
+            p.add_argument("--teacher-steps", type=positive_int, default=16,
                            help="teacher DDIM steps of round 1 (default: %(default)s)")
-            p.add_argument("--steps", type=int, default=4,
+            p.add_argument("--steps", type=positive_int, default=4,
                            help="student steps after the last round (default: %(default)s)")
         if what == "flow-student":
-            p.add_argument("--steps", type=int, default=4, help="student Euler steps (default: %(default)s)")
-            p.add_argument("--pairs", type=int, default=None,
+            p.add_argument("--steps", type=positive_int, default=4, help="student Euler steps (default: %(default)s)")
+            p.add_argument("--pairs", type=positive_int, default=None,
                            help="max noise/sample pairs (default: 50000; 8 with --tiny)")
-            p.add_argument("--pair-steps", type=int, default=25,
+            p.add_argument("--pair-steps", type=positive_int, default=25,
                            help="teacher Euler steps per pair (default: %(default)s)")
-            p.add_argument("--pair-batch", type=int, default=None,
+            p.add_argument("--pair-batch", type=positive_int, default=None,
                            help="pairs per teacher batch (default: 1024; 4 with --tiny)")
-            p.add_argument("--pair-fraction", type=float, default=0.35,
+            p.add_argument("--pair-fraction", type=unit_float, default=0.35,
                            help="at most this fraction of the budget goes to making pairs (default: %(default)s)")
 
 
@@ -640,7 +641,15 @@ def run(args: argparse.Namespace) -> int:
     """Run the subcommand chosen by :func:`add_arguments` (``args.what``).
 
     SIGTERM and SIGINT finish the current step, save and return (a killed budget run loses nothing).
+
+    Raises:
+        ValueError: a bad ``--out``, ``--device`` or ``--teacher``, before any data or model is loaded.
     """
+    check_out_dir(args.out)
+    if args.device is not None:
+        check_device(args.device)
+    if getattr(args, "teacher", None) is not None and not Path(args.teacher).is_dir():
+        raise ValueError(f"--teacher {args.teacher}: no such folder")
 
     def on_signal(signum: int, frame: Any) -> None:
         _STOP.set()
