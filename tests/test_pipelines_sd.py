@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import distillpp  # noqa: E402
 from distillpp.pipelines import PRESETS, DistillppPipelineOutput, MissingWeightsError, from_preset, get_preset  # noqa: E402
-from distillpp.pipelines.base import AdapterOffNet, lora_state  # noqa: E402
+from distillpp.pipelines.lora import AdapterOffNet, lora_state  # noqa: E402
 from distillpp.pipelines.sd import DistillppPipeline, SCHEDULER_SAMPLERS, student_scheduler  # noqa: E402
 
 
@@ -246,11 +246,11 @@ def test_adapter_off_teacher_sees_lora_disabled(request, which):
     assert lora_state(pipe.unet).disabled is False  # restored after the run
 
     # The adapter-off teacher computes exactly the base UNet (LoRA removed), not the student.
-    base = tiny_unet(dp.is_sdxl)
+    base = tiny_unet(dp.family.is_sdxl)
     x = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=gen(1))
     t = torch.tensor([500.0, 500.0])
-    cond = {"encoder_hidden_states": torch.randn(2, 77, 64 if dp.is_sdxl else 32, generator=gen(2))}
-    if dp.is_sdxl:
+    cond = {"encoder_hidden_states": torch.randn(2, 77, 64 if dp.family.is_sdxl else 32, generator=gen(2))}
+    if dp.family.is_sdxl:
         cond["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=gen(3)),
                                      "time_ids": torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2, dtype=torch.float32)}
     with torch.no_grad():
@@ -396,7 +396,7 @@ def test_teacher_offload_and_placement_give_the_same_images(sd_pair):
 
 
 def test_placed_net_moves_nested_conditioning():
-    from distillpp.pipelines.base import PlacedNet
+    from distillpp.pipelines.placement import PlacedNet
 
     seen = {}
 
@@ -478,7 +478,7 @@ def test_preset_wiring(tokenizer_dir, name):
     torch.testing.assert_close(plain, expected, rtol=1e-4, atol=1e-4)
 
     # One guided call with the preset's defaults: the teacher runs on the first guided_steps steps.
-    log = CallLog().watch(dp.teacher_unet, "teacher" if teacher != "adapter-off" else "unet")
+    log = CallLog().watch(dp.family.teacher_module, "teacher" if teacher != "adapter-off" else "unet")
     if teacher != "adapter-off":
         log.watch(pipe.unet, "student")
     try:
@@ -520,7 +520,7 @@ def test_from_preset_missing_weights_lists_ids(offline, name):
     with pytest.raises(MissingWeightsError) as err:
         from_preset(name)
     msg = str(err.value)
-    assert preset.base in msg and "huggingface-cli download" in msg
+    assert preset.base in msg and "hf download" in msg
     if preset.student is not None:
         assert preset.student.repo in msg and (preset.student.filename or "") in msg
     if preset.teacher not in ("base", "adapter-off"):
@@ -551,22 +551,22 @@ def test_from_preset_local_folders(offline, saved_models):
     r = saved_models
     lora = from_preset("sdxl-lightning-4step-lora", base=str(r / "sdxl-base"),
                        student=str(r / "lora" / "student_lora.safetensors"))
-    assert lora.adapter_off and lora.sampler == "euler" and lora.is_sdxl
-    assert lora_state(lora.student.unet).adapters == ["student"]
+    assert lora.family.teacher_kind == "adapter-off" and lora.sampler == "euler" and lora.family.is_sdxl
+    assert lora_state(lora.family.owner.unet).adapters == ["student"]
     out = lora(PROMPT, generator=gen(), height=SIZE, width=SIZE, output_type="np").images
     assert out.shape == (1, SIZE, SIZE, 3) and np.isfinite(out).all()
 
     dmd2 = DistillppPipeline.from_preset("sdxl-dmd2-4step", base=str(r / "sdxl-base"),
                                         student=str(r / "student_unet.safetensors"))
-    assert dmd2.sampler == "consistency" and dmd2.timesteps == [999, 749, 499, 249]
-    assert dmd2.teacher_unet is not dmd2.student.unet
+    assert dmd2.sampler == "consistency" and dmd2.timesteps == (999, 749, 499, 249)
+    assert dmd2.family.teacher_module is not dmd2.family.owner.unet
     expected = tiny_unet(True, seed=8).state_dict()
-    assert all(torch.equal(v, expected[k]) for k, v in dmd2.student.unet.state_dict().items())
+    assert all(torch.equal(v, expected[k]) for k, v in dmd2.family.owner.unet.state_dict().items())
     assert dmd2(PROMPT, generator=gen(), height=SIZE, width=SIZE, output_type="latent").images.shape == (1, 4, 16, 16)
 
     turbo = from_preset("sd-turbo", base=str(r / "sd-student"), teacher=str(r / "sd-teacher"),
                         teacher_offload="cpu")
-    assert turbo.sampler == "euler_ancestral" and not turbo.is_sdxl
+    assert turbo.sampler == "euler_ancestral" and not turbo.family.is_sdxl
     assert turbo(PROMPT, generator=gen(), height=SIZE, width=SIZE, output_type="np").images.shape == (1, SIZE, SIZE, 3)
 
 
@@ -583,7 +583,7 @@ def test_cli_without_weights_exits_nonzero_with_ids(offline, capsys, tmp_path):
     err = capsys.readouterr().err
     assert code != 0
     assert "ByteDance/SDXL-Lightning" in err and "stabilityai/stable-diffusion-xl-base-1.0" in err
-    assert "huggingface-cli download" in err
+    assert "hf download" in err
     assert main(["--prompt", "x"]) != 0 and main(["--preset", "sd-turbo"]) != 0
 
 

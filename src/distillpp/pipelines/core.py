@@ -202,6 +202,10 @@ class ModelFamily:
         """The student's CFG scale when neither the call nor a preset gives one (0: no student CFG)."""
         return 0.0
 
+    def default_guidance(self) -> TeacherGuidance:
+        """The guidance knobs when neither the call nor a preset gives them."""
+        return TeacherGuidance(strength=0.05, guided_steps=1, space="x0")
+
     # --- one call -----------------------------------------------------------------------------
 
     def check_options(self, call: Call) -> None:
@@ -316,7 +320,7 @@ class GuidedPipeline:
         self.family = family
         self.preset = preset
         self.guidance = guidance if guidance is not None else (
-            preset.guidance if preset is not None else TeacherGuidance(strength=0.05))
+            preset.guidance if preset is not None else family.default_guidance())
         if not isinstance(self.guidance, TeacherGuidance):
             raise ValueError(f"guidance must be a distillpp.TeacherGuidance, got {type(self.guidance).__name__}")
         self.num_inference_steps = num_inference_steps or (preset.num_inference_steps if preset else 4)
@@ -384,6 +388,18 @@ class GuidedPipeline:
         self._place()
         return self
 
+    @property
+    def sampler(self) -> str:
+        """The distillpp sampler the student runs (a :data:`distillpp.SAMPLERS` key)."""
+        return self.family.noise.sampler
+
+    def sigmas(self, num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None) -> torch.Tensor:
+        """The student's sigma grid for these settings (default: the pipeline's), equal to its scheduler's."""
+        dh, dw = self.family.default_size()
+        call = self._call("x", None, None, num_inference_steps, timesteps, None, self.height or dh,
+                          self.width or dw, 1, None, None, "latent", {})
+        return self.family.sigmas(call)
+
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """``disable=False`` shows a sampling progress bar (diffusers' method name)."""
         self._progress_disable = kwargs.get("disable", True)
@@ -416,7 +432,7 @@ class GuidedPipeline:
         m = self.family.size_multiple
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, int) or v < m or v % m:
-                raise ValueError(f"{name} must be a positive multiple of {m}, got {v!r}")
+                raise ValueError(f"height and width must be positive multiples of {m}; got {name}={v!r}")
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise ValueError(f"guidance_scale must be a number, got {scale!r}")

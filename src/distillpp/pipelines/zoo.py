@@ -149,6 +149,10 @@ def load_zoo_preset(
     device: str | torch.device | None = None,
     torch_dtype: torch.dtype | None = None,
     models_dir: Any = None,
+    base: str | None = None,
+    student: str | None = None,
+    teacher: str | None = None,
+    download: bool = False,
     **pipeline_kwargs: Any,
 ) -> GuidedPipeline:
     """Load a zoo preset (offline: the weights ship with the package).
@@ -158,9 +162,15 @@ def load_zoo_preset(
         device: where the models run (default CPU).
         torch_dtype: network dtype (default float32; samples stay float32).
         models_dir: a folder of retrained zoo models instead of the shipped ones.
+        base, student, teacher: not used by the zoo (its weights ship with the package); refused if given.
+        download: ignored (nothing to download).
         **pipeline_kwargs: :class:`~distillpp.pipelines.GuidedPipeline` options (``compile=``,
             ``teacher_device=``...).
     """
+    for name, value in (("base", base), ("student", student), ("teacher", teacher)):
+        if value is not None:
+            raise ValueError(f"{name}= does not apply to zoo presets (their weights ship with distillpp); "
+                             "pass models_dir= for retrained zoo models")
     dtype = torch_dtype or torch.float32
     device = device or "cpu"
     student = zoo.load(preset.base, device=device, dtype=dtype, models_dir=models_dir)
