@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -130,11 +130,14 @@ def sample(
     sampler: str = "euler",
     teacher: Callable[..., torch.Tensor] | None = None,
     guidance: TeacherGuidance | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     extra_args: dict[str, Any] | None = None,
     teacher_args: dict[str, Any] | None = None,
     callback: Callable[[dict], None] | None = None,
     disable: bool | None = True,
+    teacher_schedule: Any = None,
+    schedule: Any = None,
+    cfgpp: bool = False,
     **sampler_kwargs: Any,
 ) -> torch.Tensor:
     """Sample with a (few-step) student denoiser, optionally guided by its teacher.
@@ -143,17 +146,27 @@ def sample(
         student: denoiser ``D(x, sigma, **extra_args) -> x0``.
         x: initial sample at ``sigmas[0]`` (see :func:`distillpp.schedules.initial_sample`).
         sigmas: descending noise levels ending in 0.
-        sampler: ``"euler"``, ``"euler_ancestral"``, ``"consistency"``, ``"ddim"`` or ``"dpmpp_2s_ancestral"``.
+        sampler: ``"euler"``, ``"euler_ancestral"``, ``"consistency"``, ``"ddim"``, ``"dpmpp_2s_ancestral"``
+            or ``"tcd"``.
         teacher: teacher denoiser; ``None`` samples with the student alone.
         guidance: :class:`TeacherGuidance` knobs; ``None`` samples with the student alone. Giving only
             one of ``teacher`` and ``guidance`` samples unguided and emits a ``UserWarning`` naming the
             missing one (no warning for guidance that guides nothing: strength 0 or no guided steps).
-        generator: ``torch.Generator`` for every random draw (sampler noise and teacher re-noising).
+        generator: ``torch.Generator`` for every random draw (sampler noise and teacher re-noising), or a
+            list of them, one per image of ``x`` (diffusers' convention): image ``b``'s draws then all come
+            from ``generator[b]``, so it does not depend on the batch size or its batch companions.
         extra_args: conditioning for the student.
         teacher_args: conditioning for the teacher (defaults to ``extra_args``).
         callback: called every step with a dict (``x``, ``i``, ``sigma``, ``denoised``,
             ``student_denoised``, ``guidance``: a :class:`GuidanceInfo` on guided steps, else ``None``).
         disable: disable the progress bar (default ``True``; ``False`` shows it).
+        teacher_schedule: the teacher's :class:`~distillpp.DiscreteVPSchedule`, from which
+            ``renoise="random"`` draws integer timesteps. ``schedule``: the student's, which ``"tcd"``
+            steps on. Both default to the denoiser's declared ``schedule`` attribute (this is the one place
+            that reads it); a teacher without one draws random levels uniformly in flow time.
+        cfgpp: CFG++ (Chung et al. 2024): step along the unconditional direction
+            ``(x - D_uncond(x)) / sigma`` while x0 stays the CFG estimate. Needs a
+            :class:`~distillpp.CFGDenoiser` student; not for ``"consistency"`` (it takes no direction).
         **sampler_kwargs: solver knobs, e.g. ``eta`` for ``ddim``/ancestral samplers.
 
     Raises:
@@ -173,8 +186,7 @@ def sample(
         raise ValueError(f"guidance must be a TeacherGuidance or None, got {type(guidance).__name__}")
     if teacher is not None and not callable(teacher):
         raise ValueError("teacher must be a callable denoiser D(x, sigma, **cond) or None")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _check_generator(generator, x)
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     for name, value in (("extra_args", extra_args), ("teacher_args", teacher_args)):
@@ -187,12 +199,43 @@ def sample(
     _warn_if_unguided(teacher, guidance)
     if teacher is not None and guidance is not None:
         _check_teacher_cfg(teacher, guidance, extra_args if teacher_args is None else teacher_args)
+    if cfgpp:
+        if sampler == "consistency":
+            raise ValueError("cfgpp does not apply to sampler 'consistency' (it re-noises with fresh noise, "
+                             "not along a direction)")
+        if not isinstance(student, CFGDenoiser):
+            raise ValueError(f"cfgpp=True needs a CFGDenoiser student (it returns the unconditional x0 as well), "
+                             f"got {type(student).__name__}")
+        sampler_kwargs["cfgpp"] = True
+    if sampler == "tcd":
+        sampler_kwargs["schedule"] = _declared_schedule(student) if schedule is None else schedule
     student = _ShapeCheckedStudent(student)
     sigmas = sigmas.to(x.device)
     guide = None
     if teacher is not None and guidance is not None:
-        guide = guidance.bind(teacher, sigmas, generator, extra_args if teacher_args is None else teacher_args)
-    return SAMPLERS[sampler](
+        guide = guidance.bind(teacher, sigmas, generator, extra_args if teacher_args is None else teacher_args,
+                              _declared_schedule(teacher) if teacher_schedule is None else teacher_schedule)
+    out = SAMPLERS[sampler](
         student, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
         generator=generator, guide=guide, **sampler_kwargs,
     )
+    if guide is not None:
+        guide.raise_if_non_finite()  # one host read per run, after the loop
+    return out
+
+
+def _declared_schedule(denoiser: Any) -> Any:
+    """The discrete schedule a denoiser declares (``DiscreteVPDenoiser.schedule``, ``CFGDenoiser.schedule``), or None."""
+    return getattr(denoiser, "schedule", None)
+
+
+def _check_generator(generator: Any, x: torch.Tensor) -> None:
+    """``None``, a ``torch.Generator``, or a list/tuple of them with one per image of ``x``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise ValueError(f"generator must be a torch.Generator, a list of them (one per image) or None, "
+                         f"got {type(generator).__name__}")
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"generator is a list of {len(generator)} generators but x has a batch of {x.shape[0]}; "
+                         "give one per image")

@@ -21,14 +21,14 @@ timestep LCM and DMD2 guide (t >= 249), so the difference is below float32 resol
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
+import numpy as np
 import torch
 
 from .denoisers import append_dims, repeat_cond
-from .samplers import randn_like
-from .schedules import sigma_to_flow_time
+from .samplers import random_tensor, randn_like
 
 __all__ = ["TeacherGuidance", "GuidanceInfo", "NonFiniteError", "RENOISE", "NOISE", "SPACE", "as_number", "as_count"]
 
@@ -205,49 +205,69 @@ class TeacherGuidance:
         self,
         teacher: Callable[..., torch.Tensor],
         sigmas: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         teacher_args: dict[str, Any] | None = None,
+        teacher_schedule: Any = None,
     ) -> "_Guide":
-        """The per-run guide a sampler calls at each step (validated, nothing run yet)."""
-        return _Guide(self, teacher, sigmas, self.strengths(sigmas), generator, teacher_args or {})
+        """The per-run guide a sampler calls at each step (validated and prepared, nothing run yet).
+
+        Args:
+            teacher: teacher denoiser ``D(x, sigma, **teacher_args) -> x0``.
+            sigmas: the run's grid, on the sample's device.
+            generator: one generator, one per image (see :func:`distillpp.samplers.random_tensor`) or ``None``.
+            teacher_args: the teacher's conditioning.
+            teacher_schedule: the teacher's :class:`~distillpp.DiscreteVPSchedule`; ``renoise="random"``
+                then draws among its integer timesteps. ``None``: uniform in flow time.
+        """
+        return _Guide(self, teacher, sigmas, generator, teacher_args or {}, teacher_schedule)
 
 
-@dataclass
 class _Guide:
-    cfg: TeacherGuidance
-    teacher: Callable[..., torch.Tensor]
-    sigmas: torch.Tensor
-    lams: list[float]
-    generator: torch.Generator | None
-    teacher_args: dict[str, Any]
-    _checked_shape: bool = field(default=False, repr=False)
+    """The per-run guide: ``guide(i, x, x0_s, sigma=None) -> (x0, GuidanceInfo | None)``.
 
-    def teacher_sigma(self, i: int, batch: int, device: torch.device) -> torch.Tensor:
-        """``sigma'`` for each of ``batch`` re-noised samples, in the grid's dtype."""
-        sigma = self.sigmas[i]
+    Everything the loop needs is prepared here once per run (host floats for the grid and the
+    strengths, the teacher's timestep table on the device), so a guided step never reads a tensor back
+    to the host. Non-finite outputs are recorded as device flags; :meth:`raise_if_non_finite` reads
+    them once after the run and names the first bad evaluation.
+    """
+
+    def __init__(self, cfg: TeacherGuidance, teacher: Callable[..., torch.Tensor], sigmas: torch.Tensor,
+                 generator: Any, teacher_args: dict[str, Any], teacher_schedule: Any = None):
+        self.cfg, self.teacher, self.generator, self.teacher_args = cfg, teacher, generator, teacher_args
+        self.grid = sigmas.tolist()
+        self.dtype, self.device = sigmas.dtype, sigmas.device
+        self.lams = cfg.strengths(torch.tensor(self.grid, dtype=torch.float64))
+        self.min_positive = min(s for s in self.grid if s > 0)
+        self.schedule = teacher_schedule if hasattr(teacher_schedule, "sigma_to_t") else None
+        if self.schedule is not None:
+            table = self.schedule.sigmas
+            self._table = table.to(self.device)
+            self._log_table = table.clamp(min=1e-10).log().numpy()
+        self._checked_shape = False
+        self._finite: list[tuple] = []
+
+    def _teacher_t(self, sigma: float) -> int:
+        """The teacher's nearest timestep in log-sigma (as ``sigma_to_t(quantize=True)``), on the host."""
+        return int(np.abs(self._log_table - math.log(max(sigma, 1e-10))).argmin())
+
+    def teacher_sigma(self, i: int, batch: int, device: torch.device, sigma: float | None = None) -> torch.Tensor:
+        """``sigma'`` for each of ``batch`` re-noised samples of step ``i`` evaluated at ``sigma``, in the grid's dtype."""
+        sigma = self.grid[i] if sigma is None else sigma
         if self.cfg.renoise == "same":
             level = sigma
         elif self.cfg.renoise == "next":
-            level = self.sigmas[i + 1]
-            if level <= 0:
-                level = self.sigmas[self.sigmas > 0].min()
+            level = self.grid[i + 1] if self.grid[i + 1] > 0 else self.min_positive
         else:
-            u = torch.rand(batch, generator=self.generator, device=self._gen_device(device), dtype=torch.float64)
-            u = u.to(device)
-            schedule = getattr(self.teacher, "schedule", None)
-            if schedule is not None and hasattr(schedule, "sigma_to_t"):
+            u = random_tensor((batch,), self.generator, device, torch.float64, uniform=True)
+            if self.schedule is not None:
                 # Uniform over the teacher's integer timesteps in (0, t_i].
-                table = schedule.sigmas.to(device)
-                t_i = int(schedule.sigma_to_t(sigma.reshape(1).to(device), quantize=True).item())
+                t_i = self._teacher_t(sigma)
                 t = (u * t_i).floor().long() + 1
-                return table[t.clamp(max=t_i)].to(self.sigmas.dtype)
+                return self._table.to(device)[t.clamp(max=t_i)].to(self.dtype)
             # No timestep table: uniform in flow time s = sigma / (1 + sigma) over (0, s_i].
-            s = u * float(sigma_to_flow_time(sigma.double()))
-            return (s / (1 - s)).to(self.sigmas.dtype)
-        return torch.full((batch,), float(level), device=device, dtype=self.sigmas.dtype)
-
-    def _gen_device(self, device: torch.device) -> torch.device:
-        return self.generator.device if self.generator is not None else device
+            s = u * (sigma / (1 + sigma))
+            return (s / (1 - s)).to(self.dtype)
+        return torch.full((batch,), level, device=device, dtype=self.dtype)
 
     def _noise(self, x0_rep: torch.Tensor, d_rep: torch.Tensor) -> torch.Tensor:
         if self.cfg.noise == "deterministic":
@@ -258,18 +278,41 @@ class _Guide:
         mix = float(self.cfg.noise_mix)
         return math.sqrt(1 - mix) * d_rep + math.sqrt(mix) * z
 
-    def __call__(self, i: int, x: torch.Tensor, x0_s: torch.Tensor) -> tuple[torch.Tensor, GuidanceInfo | None]:
+    def _watch(self, t: torch.Tensor, who: str, i: int, sigma: float, sigma_t: Any = None) -> None:
+        """Record (on the device, no host read) whether ``t`` is finite."""
+        self._finite.append((torch.isfinite(t).all().to(self.device), who, i, sigma, sigma_t))
+
+    def raise_if_non_finite(self) -> None:
+        """Raise :class:`NonFiniteError` naming the first evaluation that returned NaN/Inf (one host read)."""
+        if not self._finite:
+            return
+        checks, self._finite = self._finite, []
+        for ok, (_, who, i, sigma, sigma_t) in zip(torch.stack([c[0] for c in checks]).tolist(), checks):
+            if not ok:
+                at = f"step {i} (sigma={sigma:.6g}"
+                if sigma_t is not None:
+                    at += f", teacher sigma={float(sigma_t.min()):.6g}..{float(sigma_t.max()):.6g}"
+                raise NonFiniteError(f"the {who} returned NaN or Inf at {at}); check its dtype (fp16 overflow), "
+                                     "weights and conditioning")
+
+    def __call__(self, i: int, x: torch.Tensor, x0_s: torch.Tensor,
+                 sigma: float | None = None) -> tuple[torch.Tensor, GuidanceInfo | None]:
+        """Guide the student's ``x0_s`` of step ``i``, evaluated at ``x`` and ``sigma`` (default: ``sigma_i``).
+
+        A multistage sampler calls it once per stage with the stage's sigma (the rule is in
+        :mod:`distillpp.samplers`).
+        """
         if i >= len(self.lams) or self.lams[i] == 0.0:
             return x0_s, None
         lam = self.lams[i]
-        sigma = float(self.sigmas[i])
+        sigma = self.grid[i] if sigma is None else sigma
         k, b = self.cfg.samples, x.shape[0]
-        _check_finite(x0_s, "student", i, sigma)
+        self._watch(x0_s, "student", i, sigma)
 
         d = (x - x0_s) / sigma
         x0_rep = x0_s.repeat(k, *([1] * (x.ndim - 1)))
         d_rep = d.repeat(k, *([1] * (x.ndim - 1)))
-        sigma_t = self.teacher_sigma(i, k * b, x.device)
+        sigma_t = self.teacher_sigma(i, k * b, x.device, sigma)
         x_t = x0_rep + append_dims(sigma_t, x.ndim).to(x.dtype) * self._noise(x0_rep, d_rep)
 
         args = repeat_cond(self.teacher_args, k)
@@ -284,7 +327,7 @@ class _Guide:
                     "teacher and student must work on the same sample shape (latent channels, size)"
                 )
             self._checked_shape = True
-        _check_finite(out, "teacher", i, sigma, sigma_t)
+        self._watch(out, "teacher", i, sigma, sigma_t)
 
         x0_t = out.reshape(k, *x.shape).mean(0)
         if self.cfg.space == "x0":
@@ -296,13 +339,3 @@ class _Guide:
         correction = (x0 - x0_s).flatten(1).pow(2).mean(1).sqrt()
         info = GuidanceInfo(i, sigma, sigma_t.reshape(k, b)[0], lam, x0_s, x0_t, x0, correction)
         return x0, info
-
-
-def _check_finite(t: torch.Tensor, who: str, i: int, sigma: float, sigma_t: torch.Tensor | None = None) -> None:
-    if not torch.isfinite(t).all():
-        at = f"step {i} (sigma={sigma:.6g}"
-        if sigma_t is not None:
-            at += f", teacher sigma={float(sigma_t.min()):.6g}..{float(sigma_t.max()):.6g}"
-        raise NonFiniteError(
-            f"the {who} returned NaN or Inf at {at}); check its dtype (fp16 overflow), weights and conditioning"
-        )

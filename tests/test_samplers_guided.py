@@ -1,0 +1,79 @@
+"""Guided sampling in every sampler: the rule of :mod:`distillpp.samplers` on the exact test bed."""
+
+import math
+
+import torch
+
+import distillpp
+from distillpp import TeacherGuidance
+from distillpp.analytic import GaussianMixtureDenoiser, energy_distance
+from distillpp.testbed import TRUE_MIXTURE, biased_students, default_sigmas
+
+
+def _setup(n=64, seed=0):
+    student = GaussianMixtureDenoiser(biased_students()["weights"])
+    teacher = GaussianMixtureDenoiser(TRUE_MIXTURE)
+    sigmas = default_sigmas()
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * float(sigmas[0])
+    return student, teacher, sigmas, x
+
+
+def test_dpmpp_2s_guided_error_drop_is_at_least_half_of_eulers():
+    """The x0 that advances a 2S step is the guided midpoint x0, so the teacher's help reaches the sample.
+
+    Same guidance, grid, samples and seeds; deterministic Euler against deterministic 2S (eta=0), so
+    the guide's draws are the only randomness. The quality number is the energy distance to true
+    samples, as in ``distillpp testbed``. Guiding only the first-stage x0 (the old 2S) kept 15% of
+    Euler's drop here; this keeps about 87%.
+    """
+    student, teacher, sigmas, _ = _setup()
+    n = 2000
+    ref, _ = TRUE_MIXTURE.sample(n, torch.Generator().manual_seed(12345))
+    g = TeacherGuidance(strength=0.3, guided_steps=2, renoise="next")
+
+    def energy(sampler, guidance, seed, knobs):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 2, generator=gen, dtype=torch.float64) * float(sigmas[0])
+        out = distillpp.sample(student, x, sigmas, sampler=sampler, teacher=teacher if guidance else None,
+                               guidance=guidance, generator=gen, **knobs)
+        return energy_distance(out, ref)
+
+    def drop(sampler, **knobs):
+        drops = [1 - energy(sampler, g, seed, knobs) / energy(sampler, None, seed, knobs) for seed in (0, 1)]
+        return sum(drops) / len(drops)
+
+    d_euler, d_2s = drop("euler"), drop("dpmpp_2s_ancestral", eta=0.0)
+    assert d_euler > 0.1, d_euler
+    assert d_2s >= 0.5 * d_euler, (d_euler, d_2s)
+
+
+def test_dpmpp_2s_guides_both_stages_by_hand():
+    """One 2S step (eta=0, x0 fusion, deterministic noise, renoise next) against the rule written out."""
+    student, teacher, sigmas, x = _setup()
+    lam, seen, calls = 0.4, [], []
+
+    def counting_teacher(xt, sigma, **kw):
+        calls.append(sigma.clone())
+        return teacher(xt, sigma)
+
+    g = TeacherGuidance(strength=lam, guided_steps=1, noise="deterministic")
+    distillpp.sample(student, x, sigmas, sampler="dpmpp_2s_ancestral", teacher=counting_teacher, guidance=g,
+                     eta=0.0, callback=seen.append)
+    s0, s1 = float(sigmas[0]), float(sigmas[1])
+    ones = torch.ones(x.shape[0], dtype=x.dtype)
+
+    def guided(xs, s):
+        x0_s = student(xs, s * ones)
+        d = (xs - x0_s) / s
+        return (1 - lam) * x0_s + lam * teacher(x0_s + s1 * d, s1 * ones), d
+
+    x0, d = guided(x, s0)
+    h = math.log(s0 / s1)
+    s_mid = math.exp(-(-math.log(s0) + 0.5 * h))
+    x_hat = x0 + s0 * d
+    x_2 = (s_mid / s0) * x_hat - math.expm1(-0.5 * h) * x0
+    x0_2, _ = guided(x_2, s_mid)
+    x1 = (s1 / s0) * x_hat - math.expm1(-h) * x0_2
+    torch.testing.assert_close(seen[1]["x"], x1)
+    # Two teacher forwards on the guided step, both re-noised to the grid's next sigma.
+    assert len(calls) == 2 and all(torch.equal(c, torch.full_like(c, s1)) for c in calls)
