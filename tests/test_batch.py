@@ -135,5 +135,20 @@ def test_bad_arguments_fail_before_loading_a_model(tmp_path, monkeypatch, capsys
     _fails_with(capsys, ["--prompts", str(_prompt_file(tmp_path)), "--out", str(tmp_path / "x")],
                 "--preset is required")
     monkeypatch.setattr(batch, "load_pipeline", lambda preset, device, overrides=None: StandIn(preset))
-    _fails_with(capsys, _args(tmp_path, "x", "--strength", "1.5"), "strength must be in [0, 1]")
+    _fails_with(capsys, _args(tmp_path, "x", "--samples", "0"), "samples must be an integer >= 1")
     assert not (tmp_path / "x").exists()
+
+
+def test_image_without_its_journal_line_and_torn_lines_are_redone_identically(tmp_path, standin):
+    assert main(_args(tmp_path, "a")) == 0
+    ref = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    (tmp_path / "a" / "manifest.jsonl").unlink()
+    part = next((tmp_path / "a" / "parts").glob("part-*.jsonl"))
+    lines = part.read_text().splitlines(keepends=True)
+    # A kill after the image's rename but before its journal line was complete.
+    part.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    (tmp_path / "a" / ".tmp-000004_001.png.999").write_bytes(b"partial")  # a kill during a write
+    assert main(_args(tmp_path, "a", "--batch-size", "4")) == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == ref
+    records = batch.BatchFolder(tmp_path / "a").records()
+    assert sorted(records) == [(r, k) for r in range(5) for k in range(2)]
