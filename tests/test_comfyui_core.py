@@ -99,6 +99,10 @@ def test_comfy_linear_schedule_is_scaled_linear_and_others_are_refused():
         (lambda sd: core.make_guidance(0.1, 1, "next", "random", "x0", 7.5, 0), "samples"),
         (lambda sd: core.sigmas_to_ve(torch.tensor([1.5, 0.0]), "flow"), "flow times"),
         (lambda sd: core.VEDenoiser(lambda x, s: x, "vp"), "kind"),
+        (lambda sd: core.StepGuide(distillpp.TeacherGuidance(space="eps"), lambda x, s: x,
+                                   core.preset_sigmas("flux-schnell", 4), "flow"), "space"),
+        (lambda sd: core.run_sampler("euler", lambda x, s: x, torch.zeros(1, 2), core.preset_sigmas("flux-schnell", 4),
+                                     "flow", lambda x, s: x, distillpp.TeacherGuidance(space="eps")), "space"),
     ],
 )
 def test_bad_node_inputs_raise_value_errors_naming_them(sd, call, match):

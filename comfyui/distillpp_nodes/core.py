@@ -48,6 +48,7 @@ __all__ = [
     "VEDenoiser",
     "schedule_from_comfy",
     "preset_sigmas",
+    "check_flow_fusion",
     "step_index",
     "StepGuide",
     "run_sampler",
@@ -266,6 +267,20 @@ def preset_sigmas(
     return timestep_sigmas(schedule, timesteps)
 
 
+def check_flow_fusion(guidance: TeacherGuidance | None, sigmas: torch.Tensor, kind: str) -> None:
+    """Refuse ``space="eps"`` on a flow run that starts at flow time 1.
+
+    eps-space fusion sets ``x0 = x0_s - sigma * lam * (eps_t - d)``; at flow time 1 (VE sigma 1e8) any
+    teacher-student difference in eps is multiplied by 1e8 and the sample is destroyed. The x0 space
+    (the paper's) has no such factor.
+    """
+    if guidance is None or guidance.space != "eps" or guidance.guided_steps == 0 or _check_kind(kind) != "flow":
+        return
+    if float(sigmas[0]) >= 1.0:
+        raise ValueError("space: 'eps' fusion at flow time 1 (VE sigma 1e8) multiplies the teacher-student eps "
+                         "difference by 1e8; use space='x0' for flow students")
+
+
 def step_index(sigma: float, sigmas: Sequence[float]) -> int | None:
     """Index ``i`` with ``sigmas[i] == sigma`` (relative 1e-5, for a sigma rounded to the sample's dtype)."""
     for i, s in enumerate(sigmas[:-1]):
@@ -293,6 +308,7 @@ class StepGuide:
     def __init__(self, guidance: TeacherGuidance, teacher: Callable[..., torch.Tensor], sigmas: torch.Tensor,
                  kind: str, generator: torch.Generator | None = None):
         self.kind = _check_kind(kind)
+        check_flow_fusion(guidance, sigmas, kind)
         self.sigmas = [float(s) for s in sigmas]
         self.sigmas_ve = sigmas_to_ve(sigmas.detach().cpu().float(), kind)
         self.guide = guidance.bind(teacher, self.sigmas_ve, generator, {})
@@ -340,6 +356,7 @@ def run_sampler(
     Returns:
         The sample at ``sigmas[-1] = 0`` (the same in both coordinate systems).
     """
+    check_flow_fusion(guidance if teacher is not None else None, sigmas, kind)
     sigmas_ve = sigmas_to_ve(sigmas.detach().cpu().float(), kind).to(x.device)
     x_ve = x_to_ve(x, sigmas_ve[0].expand(x.shape[0]), kind)
     total = len(sigmas) - 1
