@@ -23,6 +23,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
+    TCDScheduler,
     UNet2DModel,
 )
 
@@ -216,6 +217,44 @@ def test_consistency_equals_lcm_scheduler(sd, net, noise, timesteps):
     denoiser = distillpp.LCMDenoiser(distillpp.unet_fn(net), sd)
     # LCM's last step returns its boundary-condition x0 in both, so the outputs compare directly.
     assert_same(ours(denoiser, x, sigmas, "consistency", seed=5), diffusers_loop(scheduler, net, noise, seed=5))
+
+
+# --- TCD (strategic stochastic sampling) ---------------------------------------------------------
+
+TCD = [(4, 0.3, "epsilon", False), (4, 0.0, "epsilon", False), (8, 1.0, "epsilon", False),
+       (4, 0.3, "v_prediction", False), (4, 0.3, "epsilon", True), (2, 0.3, "epsilon", False)]
+
+
+@pytest.mark.parametrize("n,gamma,prediction,passed", TCD,
+                         ids=[f"{n}-gamma{g}-{p}{'-orig-passed' if o else ''}" for n, g, p, o in TCD])
+def test_tcd_equals_tcd_scheduler(sd, net, noise, n, gamma, prediction, passed):
+    scheduler = TCDScheduler(**SD, prediction_type=prediction)
+    scheduler.set_timesteps(n, original_inference_steps=50 if passed else None)
+    sigmas = schedules.tcd_sigmas(sd, n, original_inference_steps=50, original_steps_passed=passed)
+    abar = scheduler.alphas_cumprod[scheduler.timesteps].double()
+    torch.testing.assert_close(sigmas[:-1].double(), ((1 - abar) / abar).sqrt(), rtol=1e-5, atol=0)
+    assert sigmas[-1] == 0
+    x = schedules.initial_sample(noise, sigmas, "vp")
+    denoiser = distillpp.DiscreteVPDenoiser(distillpp.unet_fn(net), sd, prediction_type=prediction)
+    # The schedule comes from the denoiser's declared one; TCD's last step ends at t = 0 in VP scaling.
+    out = ours(denoiser, x, sigmas, "tcd", seed=3, gamma=gamma)
+    assert_same(out, diffusers_loop(scheduler, net, noise, seed=3, eta=gamma))
+    if gamma > 0 and n > 1:
+        assert (out - ours(denoiser, x, sigmas, "tcd", seed=4, gamma=gamma)).abs().max() > 1e-2
+
+
+def test_tcd_guided_strength_zero_is_bit_identical_and_guidance_moves_it(sd, net, noise):
+    sigmas = schedules.tcd_sigmas(sd, 4)
+    x = schedules.initial_sample(noise, sigmas, "vp")
+    student = distillpp.DiscreteVPDenoiser(distillpp.unet_fn(net), sd)
+    teacher = distillpp.DiscreteVPDenoiser(lambda z, t: 0.9 * net(z, t).sample, sd)
+    plain = ours(student, x, sigmas, "tcd", seed=3)
+    for space in ("x0", "eps"):
+        g0 = distillpp.TeacherGuidance(strength=0.0, guided_steps=2, space=space)
+        assert torch.equal(plain, ours(student, x, sigmas, "tcd", seed=3, teacher=teacher, guidance=g0))
+        g = distillpp.TeacherGuidance(strength=0.5, guided_steps=2, space=space, renoise="random")
+        guided = ours(student, x, sigmas, "tcd", seed=3, teacher=teacher, guidance=g)
+        assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
 
 
 # --- Rectified flow -------------------------------------------------------------------------------

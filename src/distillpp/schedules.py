@@ -26,6 +26,7 @@ __all__ = [
     "euler_sigmas",
     "ddim_sigmas",
     "lcm_sigmas",
+    "tcd_sigmas",
     "timestep_sigmas",
     "karras_sigmas",
     "flow_sigmas",
@@ -265,6 +266,34 @@ def lcm_sigmas(
     origin = (np.arange(1, original_inference_steps + 1) * k - 1)[::-1]
     idx = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
     return timestep_sigmas(schedule, origin[idx].tolist())
+
+
+def tcd_sigmas(
+    schedule: DiscreteVPSchedule,
+    num_inference_steps: int = 4,
+    original_inference_steps: int = 50,
+    original_steps_passed: bool = False,
+) -> torch.Tensor:
+    """Sigmas of ``TCDScheduler.set_timesteps(num_inference_steps)`` (strength 1).
+
+    With the config's ``original_inference_steps`` (how pipelines call it) the grid is LCM's:
+    ``num_inference_steps`` evenly indexed from the ``original_inference_steps`` distillation timesteps.
+    When ``original_inference_steps`` is passed to ``set_timesteps`` itself, diffusers indexes all
+    training timesteps instead (the value then only bounds ``num_inference_steps``): set
+    ``original_steps_passed=True`` for that grid. Sample it with the ``"tcd"`` sampler.
+
+    Args:
+        schedule: the model's training noise table.
+        num_inference_steps: number of steps, at most ``original_inference_steps``.
+        original_inference_steps: the scheduler config's value (50 for TCD and Hyper-SD).
+        original_steps_passed: reproduce ``set_timesteps(n, original_inference_steps=...)``.
+    """
+    grid = lcm_sigmas(schedule, num_inference_steps, original_inference_steps)
+    if not original_steps_passed:
+        return grid
+    T = schedule.num_train_timesteps
+    idx = np.floor(np.linspace(0, T, num=num_inference_steps, endpoint=False)).astype(np.int64)
+    return timestep_sigmas(schedule, np.arange(T)[::-1][idx].tolist())
 
 
 def timestep_sigmas(schedule: DiscreteVPSchedule, timesteps: Sequence[int]) -> torch.Tensor:
