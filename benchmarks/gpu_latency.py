@@ -132,27 +132,49 @@ def summary(times_ms: list[float]) -> dict[str, Any]:
     }
 
 
+def _once(fn: Callable[[], Any], device: torch.device) -> float:
+    """One call of ``fn`` in ms: CUDA events on a GPU, the host clock on a CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
 def time_it(fn: Callable[[], Any], runs: int, warmup: int, device: torch.device) -> dict[str, Any]:
-    """Median and spread of ``fn`` in ms: CUDA events on a GPU, the host clock on a CPU."""
+    """Median and spread of ``fn`` in ms over ``runs`` calls after ``warmup``."""
     for _ in range(warmup):
         fn()
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
-    times = []
+    return summary([_once(fn, device) for _ in range(runs)])
+
+
+def time_paired(calls: dict[str, Callable[[], Any]], runs: int, warmup: int, device: torch.device) -> dict[str, Any]:
+    """Interleaved timing (a, b, c, a, b, c, ...): a drift of the host's speed hits every call alike.
+
+    Eager PyTorch is bound by the CPU's kernel launches, so its latency wanders with the host's
+    load and clocks; timed one after the other, two eager paths can differ by more than they do.
+    Returns each call's summary and, for each call after the first, the median of its per-round
+    ratio to the first.
+    """
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(runs):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-    return summary(times)
+        for k, fn in calls.items():
+            times[k].append(_once(fn, device))
+    out: dict[str, Any] = {k: summary(v) for k, v in times.items()}
+    first = next(iter(calls))
+    out["ratio_to_first (median of per-round ratios)"] = {
+        k: round(statistics.median(a / b for a, b in zip(times[k], times[first])), 4) for k in calls if k != first}
+    return out
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -540,6 +562,9 @@ def sdxl_section(report: Report, args: argparse.Namespace, device: torch.device,
     if "sdxl" in args.sections:
         sdxl_sampling(report, args, device, dtype, student_unet, teacher_unet, vae, inputs_of, cond, embeds, pooled,
                       time_ids, side)
+    if "paired" in args.sections:
+        guarded(report, section, "interleaved b1 (sampling only)", lambda: sdxl_paired(
+            report, args, device, dtype, student_unet, teacher_unet, vae, cond, embeds, pooled, time_ids, side))
     del vae
     free()
     if device.type == "cuda" and "floor" in args.sections and time.perf_counter() < deadline - 60:
@@ -554,6 +579,43 @@ def sdxl_section(report: Report, args: argparse.Namespace, device: torch.device,
                     s_net, t_net, 1, cond, embeds, pooled, time_ids, side, device, dtype), device))
     del student_unet, teacher_unet
     free()
+
+
+def diffusers_sdxl(vae: Any, unet: Any, **components: Any) -> Any:
+    """Diffusers' own ``StableDiffusionXLPipeline`` with SDXL-Lightning's scheduler (Euler, trailing)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="trailing")
+    parts = {"text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None, **components}
+    pipe = StableDiffusionXLPipeline(vae=vae, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_paired(report: Report, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, student_unet: Any,
+                teacher_unet: Any, vae: Any, cond: Callable, embeds: torch.Tensor, pooled: torch.Tensor,
+                time_ids: torch.Tensor, side: int) -> dict[str, Any]:
+    """Diffusers' eager pipeline, our eager and our fast sampling, timed interleaved (batch 1, sampling only)."""
+    pipe = diffusers_sdxl(vae, student_unet)
+    acc = Accelerator("graphs", device)
+    eager = sdxl_sampler(unet_fn(student_unet), unet_fn(teacher_unet), 1, cond, embeds, pooled, time_ids, side,
+                         device, dtype)
+    fast = sdxl_sampler(acc.wrap(unet_fn(student_unet), "student"), acc.wrap(unet_fn(teacher_unet), "teacher"), 1,
+                        cond, embeds, pooled, time_ids, side, device, dtype)
+    calls = {
+        "diffusers eager plain 4": lambda: pipe(prompt_embeds=embeds[:1], pooled_prompt_embeds=pooled[:1],
+                                                num_inference_steps=4, guidance_scale=0.0, height=side, width=side,
+                                                output_type="latent", generator=torch.Generator(device).manual_seed(0)),
+        "eager plain 4": lambda: eager(4, False),
+        "fast plain 4": lambda: fast(4, False),
+        "fast guided 4+1": lambda: fast(4, True),
+    }
+    res = time_paired(calls, args.runs, args.warmup, device)
+    print("  interleaved b1: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in res.items() if "median_ms" in v)
+          + f"; ratios {res['ratio_to_first (median of per-round ratios)']}", flush=True)
+    return res
 
 
 def sdxl_sampler(student_net: Any, teacher_net: Any, b: int, cond: Callable[[int], dict], embeds: torch.Tensor,
@@ -572,8 +634,6 @@ def sdxl_sampling(report: Report, args: argparse.Namespace, device: torch.device
                   teacher_unet: Any, vae: Any, inputs_of: Callable, cond: Callable, embeds: torch.Tensor,
                   pooled: torch.Tensor, time_ids: torch.Tensor, side: int) -> None:
     """SDXL-size per-forward floor, diffusers' pipeline, our eager and fast sampling, and their equality."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
     section = "sdxl"
     latent = side // 8
     gen = torch.Generator(device).manual_seed(1)
@@ -584,12 +644,7 @@ def sdxl_sampling(report: Report, args: argparse.Namespace, device: torch.device
     free()
 
     # Diffusers' own pipeline, eager, sampling only.
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="trailing")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
-                                     unet=student_unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-                                     add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_sdxl(vae, student_unet)
     for b in args.sample_batches:
         for steps in (4, 5):
             def run_diffusers(b=b, steps=steps):
@@ -649,18 +704,15 @@ def pipeline_section(report: Report, args: argparse.Namespace, device: torch.dev
     """
     import tempfile
 
-    from diffusers import StableDiffusionXLPipeline
-
     from distillpp.accel import shared_accelerator
     from distillpp.pipelines import DistillppPipeline
     from sdxl_gpu_latency import make_components  # random SDXL-size text encoders and a byte-level tokenizer
 
     section = "sdxl pipeline"
     components, teacher_unet = make_components(args.tiny, str(device), dtype, tempfile.mkdtemp(prefix="gpu_latency_"))
-    components["scheduler"].register_to_config(steps_offset=1)
-    student_pipe = StableDiffusionXLPipeline(**components, unet=student_unet, force_zeros_for_empty_prompt=True,
-                                             add_watermarker=False)
-    student_pipe.set_progress_bar_config(disable=True)
+    student_pipe = diffusers_sdxl(components["vae"], student_unet, text_encoder=components["text_encoder"],
+                                  text_encoder_2=components["text_encoder_2"], tokenizer=components["tokenizer"],
+                                  tokenizer_2=components["tokenizer_2"])
     prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed"
     common = dict(height=side, width=side, output_type="latent", num_inference_steps=4)
 
@@ -689,7 +741,7 @@ def pipeline_section(report: Report, args: argparse.Namespace, device: torch.dev
         return res
 
     guarded(report, section, "diffusers eager plain 4 b1 (with encoding)", lambda: timed(diffusers_call, "diffusers"))
-    latents = {}
+    latents, calls = {}, {"diffusers eager plain 4": diffusers_call}
     for mode in ("none", "graphs"):
         pipe = DistillppPipeline(student_pipe, teacher_unet, compile=mode)
         n_before = len(shared_accelerator(mode, device).records) if mode != "none" else 0
@@ -700,15 +752,25 @@ def pipeline_section(report: Report, args: argparse.Namespace, device: torch.dev
                             guided_steps=1, teacher_cfg=TEACHER_CFG, **common)
 
             res = guarded(report, section, f"{path} {label} b1 (with encoding)", lambda: timed(call, f"{path} {label}"))
-            if "median_ms" in res and label == "guided 4+1":
-                latents[path] = call().images
+            if "median_ms" in res:
+                calls[f"{path} {label}"] = call
+                if label == "guided 4+1":
+                    latents[path] = call().images
         if mode != "none":
             recs = shared_accelerator(mode, device).records[n_before:]
             report.put(section, "first calls (fast path)", [{"net": r.name, "shape": r.signature,
                                                              "s": round(r.seconds, 3)} for r in recs])
-        del pipe
     if len(latents) == 2:
         report.put(section, "equality: fast vs eager guided 4+1 b1 (latents)", diff(latents["fast"], latents["eager"]))
+
+    def paired():
+        res = time_paired(calls, args.runs, args.warmup, device)
+        print("  pipelines interleaved b1: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in res.items()
+                                                           if "median_ms" in v), flush=True)
+        return res
+
+    guarded(report, section, "interleaved b1 (with encoding)", paired)
+    del calls
     del student_pipe, teacher_unet, components
     free()
 
@@ -942,9 +1004,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flux-plain5", action="store_true", help="also time FLUX plain 5 steps")
     parser.add_argument("--flux-layers", type=int, default=None, help="FLUX double blocks (default 19, the real size)")
     parser.add_argument("--flux-single-layers", type=int, default=None, help="FLUX single blocks (default 38)")
-    parser.add_argument("--sections", default="sdxl,floor,lora,pipeline,zoo,flux",
-                        help="comma-separated: sdxl (forwards, sampling), floor (SDXL floor variants), lora, pipeline "
-                             "(the real DistillppPipeline, eager and compile='graphs'), zoo, flux")
+    parser.add_argument("--sections", default="sdxl,paired,floor,lora,pipeline,zoo,flux",
+                        help="comma-separated: sdxl (forwards, sampling), paired (diffusers/eager/fast interleaved), "
+                             "floor (SDXL floor variants), lora, pipeline (the real DistillppPipeline, eager and "
+                             "compile='graphs'), zoo, flux")
     parser.add_argument("--inductor", action="store_true",
                         help="last: inductor kernels under graphs for SDXL-size batch 1 (compiles for minutes)")
     parser.add_argument("--budget-s", type=float, default=540, help="skip optional parts past this wall time")
@@ -974,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs, "warmup": args.warmup, "measured_bf16_tflops": peak, "datasheet_bf16_tflops": datasheet,
     })
     print(f"{card}: bf16 matmul {peak} TFLOP/s (datasheet {datasheet})", flush=True)
-    if {"sdxl", "floor", "lora", "pipeline"} & set(args.sections):
+    if {"sdxl", "paired", "floor", "lora", "pipeline"} & set(args.sections):
         guarded(report, "sdxl", "_section", lambda: sdxl_section(report, args, device, dtype, peak, deadline))
     if "zoo" in args.sections:
         guarded(report, "zoo", "_section", lambda: zoo_section(report, args, device))
