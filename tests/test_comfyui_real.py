@@ -210,6 +210,62 @@ def test_comfy_euler_with_guider_is_library_guide_plus_euler_on_fused_x0(cf):
     torch.testing.assert_close(out, student.model.process_latent_out(x), rtol=1e-5, atol=1e-5)
 
 
+FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 8, "context_in_dim": 16,
+        "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+        "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True}
+
+
+def build_flux(cf, seed: int, dev: bool):
+    """A tiny random FLUX in ComfyUI: schnell (no guidance embedding, FLOW sampling) or dev (guidance embedding)."""
+    config = (cf.comfy.supported_models.Flux if dev else cf.comfy.supported_models.FluxSchnell)(
+        dict(FLUX, guidance_embed=dev))
+    model = config.get_model({}, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    cpu = torch.device("cpu")
+    return cf.comfy.model_patcher.ModelPatcher(model, cpu, cpu)
+
+
+def test_flux_schnell_student_flux_dev_teacher_equals_library(cf):
+    """The FLUX workflow's wiring: dev's guidance value reaches the teacher only, via teacher_positive."""
+    student, teacher = build_flux(cf, 0, dev=False), build_flux(cf, 1, dev=True)
+    g = torch.Generator().manual_seed(5)
+    ctx, pooled = torch.randn(1, 5, 16, generator=g), torch.randn(1, 8, generator=g)
+    pos = [[ctx, {"pooled_output": pooled}]]
+    neg = [[torch.zeros(1, 5, 16), {"pooled_output": torch.zeros(1, 8)}]]
+    teacher_pos = [[ctx, {"pooled_output": pooled, "guidance": 2.0}]]  # what FluxGuidance 2.0 produces
+    sigmas = preset(cf, student, "flux-schnell")
+    guider = teacher_guider(cf, student, teacher, positive=pos, negative=neg, teacher_positive=teacher_pos,
+                            teacher_cfg=1.0, strength=0.5, guided_steps=2)
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    with torch.inference_mode():
+        out, _ = cf.ncs.SamplerCustomAdvanced().sample(cf.ncs.Noise_RandomNoise(SEED), guider,
+                                                       our_sampler(cf, "euler"), sigmas, latent)
+
+    def flux_net(model, guidance):
+        def net(x, t, **_):
+            b = x.shape[0]
+            return model.diffusion_model(x, t, context=ctx.repeat(b, 1, 1), y=pooled.repeat(b, 1),
+                                         guidance=torch.full((b,), guidance))
+        return distillpp.FlowDenoiser(net, timestep_scale=1.0)  # FLUX's timestep is the flow time itself
+
+    from distillpp.schedules import flow_time_to_sigma
+
+    sigmas_ve = torch.cat([flow_time_to_sigma(sigmas[:-1].double().numpy()).float(), torch.zeros(1)])
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(SEED))
+    with torch.inference_mode():
+        ref = distillpp.sample(flux_net(student.model, 3.5), initial_sample(noise, sigmas_ve, "flow"), sigmas_ve,
+                               sampler="euler", teacher=flux_net(teacher.model, 2.0), guidance=guider.guidance,
+                               generator=torch.Generator().manual_seed(SEED))
+        wrong = distillpp.sample(flux_net(student.model, 3.5), initial_sample(noise, sigmas_ve, "flow"), sigmas_ve,
+                                 sampler="euler", teacher=flux_net(teacher.model, 3.5), guidance=guider.guidance,
+                                 generator=torch.Generator().manual_seed(SEED))
+    torch.testing.assert_close(out["samples"], student.model.process_latent_out(ref), rtol=1e-5, atol=1e-5)
+    assert (ref - wrong).abs().max() > 1e-3  # the teacher's guidance value matters in this test
+
+
 def _lora(cf, patcher, seed):
     """A random rank-2 LoRA on every attention projection, in kohya's key format, through ComfyUI's loader."""
     keys = cf.comfy.lora.model_lora_keys_unet(patcher.model, {})
