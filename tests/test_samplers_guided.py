@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 import distillpp
@@ -77,3 +78,57 @@ def test_dpmpp_2s_guides_both_stages_by_hand():
     torch.testing.assert_close(seen[1]["x"], x1)
     # Two teacher forwards on the guided step, both re-noised to the grid's next sigma.
     assert len(calls) == 2 and all(torch.equal(c, torch.full_like(c, s1)) for c in calls)
+
+
+# --- CFG++ (cfgpp=True): x0 from CFG, the step direction from the unconditional estimate -------------
+
+CFGPP_SAMPLERS = ["euler", "euler_ancestral", "ddim", "dpmpp_2s_ancestral", "tcd"]
+
+
+def _cfg_setup(n=16):
+    cfg = distillpp.CFGDenoiser(GaussianMixtureDenoiser(TRUE_MIXTURE))
+    sigmas = default_sigmas()
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * float(sigmas[0])
+    labels = torch.arange(n) % 8
+    args = {"cond": {"labels": labels}, "uncond": {"labels": torch.full_like(labels, -1)}}
+    return cfg, sigmas, x, args
+
+
+def _run(model, x, sigmas, sampler, args, **kw):
+    return distillpp.sample(model, x, sigmas, sampler=sampler, extra_args=args,
+                            generator=torch.Generator().manual_seed(2), **kw)
+
+
+@pytest.mark.parametrize("sampler", CFGPP_SAMPLERS)
+def test_cfgpp_at_scale_one_is_the_plain_sampler_and_differs_above(sampler):
+    cfg, sigmas, x, args = _cfg_setup()
+    one = {**args, "cfg_scale": 1.0}
+    assert torch.equal(_run(cfg, x, sigmas, sampler, one), _run(cfg, x, sigmas, sampler, one, cfgpp=True))
+    three = {**args, "cfg_scale": 3.0}
+    plain, plus = _run(cfg, x, sigmas, sampler, three), _run(cfg, x, sigmas, sampler, three, cfgpp=True)
+    assert (plain - plus).abs().max() > 1e-3
+    # Guidance on top of CFG++ keeps the strength-0 identity.
+    g0 = TeacherGuidance(strength=0.0, guided_steps=2)
+    assert torch.equal(plus, _run(cfg, x, sigmas, sampler, three, cfgpp=True, teacher=cfg, guidance=g0,
+                                  teacher_args=args))
+
+
+def test_cfgpp_euler_matches_a_hand_written_loop():
+    cfg, sigmas, x, args = _cfg_setup()
+    w = 2.5
+    out = _run(cfg, x, sigmas, "euler", {**args, "cfg_scale": w}, cfgpp=True)
+    inner, ref = GaussianMixtureDenoiser(TRUE_MIXTURE), x
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        sig = torch.full((x.shape[0],), s, dtype=x.dtype)
+        x0_c, x0_u = inner(ref, sig, labels=args["cond"]["labels"]), inner(ref, sig, labels=args["uncond"]["labels"])
+        x0 = x0_u + w * (x0_c - x0_u)
+        ref = x0 + s_next * (ref - x0_u) / s  # CFG++: re-noise along the unconditional direction
+    torch.testing.assert_close(out, ref)
+
+
+def test_cfgpp_refuses_non_cfg_students_and_the_consistency_sampler():
+    cfg, sigmas, x, args = _cfg_setup()
+    with pytest.raises(ValueError, match="cfgpp"):
+        distillpp.sample(GaussianMixtureDenoiser(TRUE_MIXTURE), x, sigmas, cfgpp=True)
+    with pytest.raises(ValueError, match="cfgpp"):
+        distillpp.sample(cfg, x, sigmas, sampler="consistency", extra_args=args, cfgpp=True)

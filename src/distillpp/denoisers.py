@@ -215,6 +215,11 @@ class CFGDenoiser:
     are passed to the inner denoiser as keyword arguments. With ``w == 1`` or no ``uncond`` only
     the conditional branch runs.
 
+    ``return_uncond=True`` returns ``(x0_cfg, x0_uncond)``, what a CFG++ sampler (``cfgpp=True``) steps
+    with. Where CFG is off (``w == 1`` or no ``uncond``) the unconditional estimate is the conditional
+    one, so CFG++ at scale 1 is the plain sampler (CFG++'s own lambda = 1 would still run the
+    unconditional branch; scale 1 here means "no CFG", as everywhere else in this class).
+
     Args:
         inner: the denoiser to guide.
         scale: default guidance scale ``w`` (overridden per call by ``cfg_scale=``).
@@ -235,13 +240,16 @@ class CFGDenoiser:
         cond: dict[str, Any] | None = None,
         uncond: dict[str, Any] | None = None,
         cfg_scale: float | None = None,
+        return_uncond: bool = False,
         **shared: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         w = self.scale if cfg_scale is None else cfg_scale
         cond = cond or {}
         if uncond is None or w == 1.0:
-            return self.inner(x, sigma, **cond, **shared)
+            x0 = self.inner(x, sigma, **cond, **shared)
+            return (x0, x0) if return_uncond else x0
         both = batch_cond(uncond, cond)
         out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), **both, **shared)
         x0_u, x0_c = out.chunk(2)
-        return x0_u + w * (x0_c - x0_u)
+        x0 = x0_u + w * (x0_c - x0_u)
+        return (x0, x0_u) if return_uncond else x0

@@ -110,7 +110,7 @@ def _batch_sigma(sigma: float, x: torch.Tensor, like: torch.Tensor) -> torch.Ten
 
 
 def _denoise(model, x, sigma, i, sigmas, extra_args, guide, cfgpp):
-    """One evaluation at ``sigma``: the (guided) x0, the student's direction ``d``, its own x0, guide info."""
+    """One evaluation at ``sigma``: the (guided) x0, the direction ``d``, ``x_hat`` (rule 3), guide info."""
     s = _batch_sigma(sigma, x, sigmas)
     if cfgpp:
         x0_s, x0_u = (t.to(x.dtype) for t in model(x, s, return_uncond=True, **extra_args))
@@ -118,16 +118,18 @@ def _denoise(model, x, sigma, i, sigmas, extra_args, guide, cfgpp):
         x0_s = x0_u = model(x, s, **extra_args).to(x.dtype)
     d = (x - x0_u) / sigma
     x0, info = (x0_s, None) if guide is None else guide(i, x, x0_s, sigma)
-    return x0, d, x0_s, info
+    # x itself while x0 and d are the student's own (the plain solver's arithmetic, bit for bit).
+    x_hat = x if x0 is x0_s and x0_u is x0_s else x0 + sigma * d
+    return x0, d, x_hat, x0_s, info
 
 
 def _step(model, x, sigmas, grid, i, extra_args, guide, callback, cfgpp):
     """The first evaluation of step ``i`` (reported to ``callback``); see :func:`_denoise`."""
-    x0, d, x0_s, info = _denoise(model, x, grid[i], i, sigmas, extra_args, guide, cfgpp)
+    x0, d, x_hat, x0_s, info = _denoise(model, x, grid[i], i, sigmas, extra_args, guide, cfgpp)
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": x0,
                   "student_denoised": x0_s, "guidance": info})
-    return x0, d, x0_s
+    return x0, d, x_hat
 
 
 def _ancestral_loop(model, x, sigmas, extra_args, callback, disable, generator, guide, eta, s_noise, cfgpp):
@@ -194,10 +196,9 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
             t, t_next = -math.log(sigma), -math.log(sigma_down)
             h = t_next - t
             sigma_s = math.exp(-(t + 0.5 * h))
-            x0, d, x0_s = _step(model, x, sigmas, grid, i, extra_args, guide, callback, cfgpp)
-            x_hat = x if x0 is x0_s and not cfgpp else x0 + sigma * d
+            x0, d, x_hat = _step(model, x, sigmas, grid, i, extra_args, guide, callback, cfgpp)
             x_2 = (sigma_s / sigma) * x_hat - math.expm1(-0.5 * h) * x0
-            x0_2, _, _, _ = _denoise(model, x_2, sigma_s, i, sigmas, extra_args, guide, False)  # guided too
+            x0_2, _, _, _, _ = _denoise(model, x_2, sigma_s, i, sigmas, extra_args, guide, False)  # guided too
             x = (sigma_down / sigma) * x_hat - math.expm1(-h) * x0_2
         if sigma_up > 0:
             x = x + randn_like(x, generator) * (s_noise * sigma_up)
