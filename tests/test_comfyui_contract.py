@@ -142,6 +142,18 @@ def test_lora_student_on_a_shared_base_is_guided_by_the_base_weights(pack):
         guider(pack, student, other)
 
 
+def test_teacher_with_the_students_weights_but_base_sampling_keeps_the_weights(pack):
+    base = patcher(weight=1.0)
+    lora = base.clone()
+    lora.add_patches({"weight": torch.tensor(-0.2)})
+    student = lora.clone()
+    student.add_object_patch("model_sampling", standin.EPS())
+    g = guider(pack, student, lora)  # same weights, only the model-sampling object differs
+    sigmas = sigmas_for(pack, base, False)
+    out = run(g, pack.DistillppSampler().get_sampler("euler")[0], sigmas)
+    torch.testing.assert_close(out, library(0.8, 0.8, sigmas, "euler", g.guidance, False), rtol=1e-5, atol=1e-5)
+
+
 def test_separate_teacher_is_loaded_with_the_student(pack):
     student, teacher = patcher(weight=0.8), patcher()
     g = guider(pack, student, teacher)

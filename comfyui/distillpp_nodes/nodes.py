@@ -63,6 +63,7 @@ class TeacherGuider(comfy.samplers.CFGGuider):
         if not isinstance(guidance, TeacherGuidance):
             raise ValueError(f"guidance must be a TeacherGuidance, got {type(guidance).__name__}")
         self.shares_weights = teacher.is_clone(student)
+        same = False
         if self.shares_weights:
             same = student.patches_uuid == teacher.patches_uuid and len(student.patches) == len(teacher.patches)
             if same and student.object_patches.keys() == teacher.object_patches.keys():
@@ -71,6 +72,9 @@ class TeacherGuider(comfy.samplers.CFGGuider):
             if teacher.patches and not same:
                 raise ValueError("teacher shares the student's base model but has weight patches of its own; load "
                                  "the teacher as a separate checkpoint or remove its LoRA")
+        # Same weight patches, other object patches (e.g. only the student has ModelSamplingDiscrete lcm):
+        # the teacher call swaps the model-sampling object but keeps the weights.
+        self._swap_weights = self.shares_weights and not same
         patcher = student.clone()
         if not self.shares_weights:
             # Loaded together with the student by ComfyUI's prepare_sampling (get_nested_additional_models).
@@ -110,10 +114,10 @@ class TeacherGuider(comfy.samplers.CFGGuider):
         self._seed = seed
         generator = torch.Generator().manual_seed(int(seed or 0))
         self._step_guide = None
-        if not isinstance(sampler, DistillppSamplerObject):
-            self._step_guide = core.StepGuide(self.guidance, self.teacher_denoiser(), sigmas, self.student_kind(),
-                                              generator)
         try:
+            if not isinstance(sampler, DistillppSamplerObject):
+                self._step_guide = core.StepGuide(self.guidance, self.teacher_denoiser(), sigmas,
+                                                  self.student_kind(), generator)
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                                         disable_pbar, seed)
         finally:
@@ -160,7 +164,7 @@ class TeacherGuider(comfy.samplers.CFGGuider):
         functions: list[tuple[Any, list, list]] = []
         try:
             # Weights patched in place: ComfyUI keeps the unpatched tensor in the (shared) backup dict.
-            for key, bk in list(student.backup.items()):
+            for key, bk in list(student.backup.items()) if self._swap_weights else []:
                 current = comfy.utils.get_attr(model, key)
                 if bk.inplace_update:
                     swapped.append((key, current.data.clone(), True))
@@ -169,7 +173,7 @@ class TeacherGuider(comfy.samplers.CFGGuider):
                     swapped.append((key, current, False))
                     comfy.utils.set_attr_param(model, key, bk.weight.to(current.device))
             # Low-VRAM loading patches weights on the fly instead: drop those patch functions.
-            for m in model.modules():
+            for m in model.modules() if self._swap_weights else []:
                 wf, bf = getattr(m, "weight_function", None), getattr(m, "bias_function", None)
                 if wf or bf:
                     functions.append((m, wf, bf))
