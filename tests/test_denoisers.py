@@ -109,3 +109,37 @@ def test_net_input_dtype_is_respected():
 
     out = distillpp.DiscreteVPDenoiser(net, SCHED, dtype=torch.bfloat16)(x, sigma)
     assert seen["dtype"] == torch.bfloat16 and out.dtype == torch.float32
+
+
+def test_learned_sigma_keeps_the_prediction_channels_and_checks_the_count():
+    x0, eps, x, sigma, t = _vp_point()
+    variance = torch.randn_like(eps)
+    plain = distillpp.DiscreteVPDenoiser(lambda z, tt: eps, SCHED)(x, sigma)
+    split = distillpp.DiscreteVPDenoiser(lambda z, tt: torch.cat([eps, variance], 1), SCHED, learned_sigma=True)
+    assert torch.equal(split(x, sigma), plain)
+    lcm = distillpp.LCMDenoiser(lambda z, tt: torch.cat([eps, variance], 1), SCHED, learned_sigma=True)
+    torch.testing.assert_close(lcm(x, sigma), distillpp.LCMDenoiser(lambda z, tt: eps, SCHED)(x, sigma))
+    with pytest.raises(ValueError, match="learned_sigma"):
+        distillpp.DiscreteVPDenoiser(lambda z, tt: eps, SCHED, learned_sigma=True)(x, sigma)
+
+
+@torch.no_grad()
+def test_transformer_fn_passes_the_timestep_by_keyword_to_a_tiny_pixart():
+    """PixArt takes ``timestep`` third (after ``encoder_hidden_states``) and returns 2C channels."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    tf = PixArtTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=16, in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()
+    x0, eps, x, sigma, t = _vp_point()
+    cond = {"encoder_hidden_states": torch.randn(3, 5, 16, generator=G),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    out = distillpp.DiscreteVPDenoiser(distillpp.transformer_fn(tf), SCHED, learned_sigma=True)(x, sigma, **cond)
+    z = x / (1 + sigma.view(-1, 1, 1, 1) ** 2).sqrt()
+    pred = tf(z, timestep=t, return_dict=False, **cond)[0]
+    assert pred.shape[1] == 8
+    torch.testing.assert_close(out, x - sigma.view(-1, 1, 1, 1) * pred[:, :4])

@@ -267,3 +267,25 @@ def test_teacher_sigma_keeps_the_grid_dtype_for_low_precision_samples():
                      guidance=TeacherGuidance(strength=0.5, steps=3), generator=torch.Generator().manual_seed(0))
     # student t, teacher t (next level), per guided step
     assert [int(t[0]) for t in seen[:6]] == [999, 749, 749, 499, 499, 249]
+
+
+def test_teacher_schedule_is_handed_to_the_guide_explicitly():
+    """``teacher_schedule=`` (no ``schedule`` attribute on the teacher) gives integer-timestep draws."""
+    schedule = distillpp.DiscreteVPSchedule.from_betas()
+    sigmas = distillpp.schedules.lcm_sigmas(schedule, 4).double()
+    student, teacher, _, _ = _setup()
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * float(sigmas[0])
+    assert not hasattr(teacher, "schedule")
+
+    def levels(**kw):
+        seen = []
+        distillpp.sample(student, x, sigmas, sampler="consistency", teacher=teacher,
+                         guidance=TeacherGuidance(strength=0.5, guided_steps=1, renoise="random"),
+                         generator=torch.Generator().manual_seed(0), callback=seen.append, **kw)
+        return seen[0]["guidance"].sigma_teacher
+
+    assert torch.isin(levels(teacher_schedule=schedule), schedule.sigmas).all()
+    assert not torch.isin(levels(), schedule.sigmas).any()  # flow-time draws without a schedule
+    guide = TeacherGuidance(strength=0.5, renoise="random").bind(teacher, sigmas, torch.Generator().manual_seed(0),
+                                                                 teacher_schedule=schedule)
+    assert torch.isin(guide.teacher_sigma(0, 64, x.device), schedule.sigmas).all()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     "sample": "api", "check_sigmas": "api",
     "CFGDenoiser": "denoisers", "DiscreteVPDenoiser": "denoisers", "FlowDenoiser": "denoisers",
-    "LCMDenoiser": "denoisers", "unet_fn": "denoisers",
+    "LCMDenoiser": "denoisers", "unet_fn": "denoisers", "transformer_fn": "denoisers",
     "GuidanceInfo": "guidance", "NonFiniteError": "guidance", "TeacherGuidance": "guidance",
     "SAMPLERS": "samplers",
     "DiscreteVPSchedule": "schedules",
@@ -39,7 +39,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from . import denoisers, samplers, schedules
     from .api import check_sigmas, sample
-    from .denoisers import CFGDenoiser, DiscreteVPDenoiser, FlowDenoiser, LCMDenoiser, unet_fn
+    from .denoisers import CFGDenoiser, DiscreteVPDenoiser, FlowDenoiser, LCMDenoiser, transformer_fn, unet_fn
     from .guidance import GuidanceInfo, NonFiniteError, TeacherGuidance
     from .samplers import SAMPLERS
     from .schedules import DiscreteVPSchedule
@@ -59,6 +59,7 @@ __all__ = [
     "FlowDenoiser",
     "CFGDenoiser",
     "unet_fn",
+    "transformer_fn",
     "denoisers",
     "schedules",
     "samplers",

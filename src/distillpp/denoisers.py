@@ -21,6 +21,7 @@ __all__ = [
     "FlowDenoiser",
     "CFGDenoiser",
     "unet_fn",
+    "transformer_fn",
     "lcm_guidance_embedding",
     "batch_cond",
     "repeat_cond",
@@ -44,6 +45,26 @@ def unet_fn(model: Any) -> Net:
 
     def net(sample: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
         return model(sample, timestep, **cond, return_dict=False)[0]
+
+    net.model = model  # type: ignore[attr-defined]
+    return net
+
+
+def transformer_fn(model: Any) -> Net:
+    """Adapt a diffusers transformer (FLUX, SD3, PixArt, DiT) to ``net(hidden_states, timestep, **cond)``.
+
+    These models take the timestep by keyword (third or fourth positionally, unlike UNets, see
+    :func:`unet_fn`), so it is passed as ``model(hidden_states=..., timestep=..., **cond)``. Floating
+    inputs are cast to the model's dtype except ``guidance`` (FLUX's distilled guidance, float32 as
+    diffusers passes it); the timestep goes in float32 and the output comes back on the input's device.
+    """
+
+    def net(hidden_states: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
+        dtype = model.dtype
+        cond = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "guidance" else v
+                for k, v in cond.items()}
+        out = model(hidden_states=hidden_states.to(dtype), timestep=timestep.float(), **cond, return_dict=False)[0]
+        return out.to(hidden_states.device)
 
     net.model = model  # type: ignore[attr-defined]
     return net
@@ -115,6 +136,9 @@ class DiscreteVPDenoiser:
         quantize: map sigma to the nearest timestep in log-sigma (default); ``False`` interpolates a
             fractional timestep, as diffusers does for Karras grids.
         dtype: dtype of the network input (sigma arithmetic stays in the sample's dtype).
+        learned_sigma: the network returns ``2C`` channels for a ``C``-channel sample, the prediction
+            followed by a learned variance (PixArt, DiT, DeepFloyd IF); the variance is dropped, as
+            diffusers' pipelines do.
     """
 
     def __init__(
@@ -124,6 +148,7 @@ class DiscreteVPDenoiser:
         prediction_type: str = "epsilon",
         quantize: bool = True,
         dtype: torch.dtype | None = None,
+        learned_sigma: bool = False,
     ):
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(
@@ -134,6 +159,7 @@ class DiscreteVPDenoiser:
         self.prediction_type = prediction_type
         self.quantize = quantize
         self.dtype = dtype
+        self.learned_sigma = learned_sigma
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.schedule.sigma_to_t(sigma, quantize=self.quantize)
@@ -151,11 +177,21 @@ class DiscreteVPDenoiser:
         """Map the raw x0 prediction to the denoiser's output (identity; LCM overrides it)."""
         return x0
 
+    def prediction(self, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The network output's prediction channels: all of them, or the first ``C`` of ``2C`` (``learned_sigma``)."""
+        if not self.learned_sigma:
+            return out
+        c = z.shape[1]
+        if out.shape[1] != 2 * c:
+            raise ValueError(f"learned_sigma=True expects the network to return {2 * c} channels for a {c}-channel "
+                             f"sample (prediction + variance), got {out.shape[1]}")
+        return out[:, :c]
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         t = self.timestep(sigma)  # before any rounding to x's dtype: bf16 sigmas hit the wrong t
         sigma = sigma.to(x.dtype)
         z = x / append_dims((1 + sigma**2).sqrt(), x.ndim)
-        out = self.net(z.to(self.dtype or x.dtype), t, **cond).to(x.dtype)
+        out = self.prediction(self.net(z.to(self.dtype or x.dtype), t, **cond), z).to(x.dtype)
         return self.boundary_condition(self.raw_x0(out, x, z, sigma), z, t)
 
 
