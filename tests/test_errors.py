@@ -198,6 +198,7 @@ def test_bf16_samples_keep_the_float32_grid_timesteps():
     (dict(trained_betas=[0.1, 1.0]), ["trained_betas", "(0, 1)"]),
     (dict(trained_betas=[0.02, 0.01, 0.001]), ["trained_betas", "reversed"]),
     (dict(trained_betas=[]), ["trained_betas"]),
+    (dict(beta_start=0.1, beta_end=0.9, beta_schedule="linear"), ["beta_end", "alphas_cumprod to 0"]),
     (dict(trained_betas=["a"]), ["trained_betas"]),
 ])
 def test_from_betas_refuses_tables_with_infinite_or_nan_sigmas(kwargs, words):

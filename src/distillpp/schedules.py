@@ -89,7 +89,7 @@ class DiscreteVPSchedule:
                 raise ValueError("trained_betas must be a non-empty 1-D sequence of betas in (0, 1)")
             if betas[0] > betas[-1]:
                 raise ValueError("trained_betas must not decrease from first to last (reversed schedule?)")
-            return cls(torch.cumprod(1.0 - betas, dim=0))
+            return cls._from_beta_tensor(betas, "trained_betas")
         num_train_timesteps = as_count(num_train_timesteps, "num_train_timesteps", 1)
         beta_start, beta_end = as_number(beta_start, "beta_start"), as_number(beta_end, "beta_end")
         if not 0 < beta_start <= beta_end < 1:  # also refuses NaN
@@ -113,7 +113,16 @@ class DiscreteVPSchedule:
             raise ValueError(
                 f"beta_schedule must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2', got {beta_schedule!r}"
             )
-        return cls(torch.cumprod(1.0 - betas, dim=0))
+        return cls._from_beta_tensor(betas, "beta_end")
+
+    @classmethod
+    def _from_beta_tensor(cls, betas: torch.Tensor, name: str) -> "DiscreteVPSchedule":
+        abar = torch.cumprod(1.0 - betas, dim=0)
+        if not (abar > 0).all():  # float32 underflow: sigma = sqrt((1 - abar) / abar) is infinite from there on
+            t = int((abar <= 0).nonzero()[0])
+            raise ValueError(f"{name}: these betas drive alphas_cumprod to 0 in float32 at t={t} (an infinite "
+                             "sigma); use smaller betas or fewer num_train_timesteps")
+        return cls(abar)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "DiscreteVPSchedule":
