@@ -38,11 +38,10 @@ import distillpp  # noqa: E402
 from distillpp.pipelines import MissingWeightsError, from_preset, get_preset, list_presets  # noqa: E402
 from distillpp.pipelines.flow import (  # noqa: E402
     FlowDistillppPipeline,
+    FluxFamily,
     check_flow_pair,
     flux_sigmas,
-    prepare_flux,
     sd3_sigmas,
-    transformer_fn,
 )
 
 PROMPT = "a painting of a squirrel eating a burger"
@@ -356,9 +355,9 @@ def test_mismatched_pairs_raise_before_sampling(flux, sd3):
         with pytest.raises(ValueError, match="pooled_projection_dim=32"):
             FlowDistillppPipeline(spipe, sd3_transformer(1, pooled_projection_dim=32))
         with pytest.raises(ValueError, match="family"):
-            prepare_flux(fpipe, transformer_fn(steacher), PROMPT, **SIZE)
+            check_flow_pair(fpipe.transformer, steacher)
         with pytest.raises(ValueError, match="FluxPipeline"):
-            prepare_flux(spipe, None, PROMPT, **SIZE)
+            FluxFamily(spipe, None, {})
         assert calls == []
     finally:
         del fpipe.transformer.forward
@@ -379,7 +378,7 @@ def test_bad_arguments_raise_before_any_model_call(flux):
         with pytest.raises(ValueError, match="height"):
             guided(PROMPT, height=15, width=16, output_type="latent")
         with pytest.raises(ValueError, match="generator"):
-            guided(PROMPT, generator=[gen()], output_type="latent", **SIZE)
+            guided(PROMPT, generator=[gen(), gen()], output_type="latent", **SIZE)
         with pytest.raises(ValueError, match="prompt_3"):
             guided(PROMPT, prompt_3="x", output_type="latent", **SIZE)
         with pytest.raises(ValueError, match="output_type"):
@@ -388,7 +387,7 @@ def test_bad_arguments_raise_before_any_model_call(flux):
     finally:
         del pipe.transformer.forward, teacher.forward
     with pytest.raises(ValueError, match="guidance embedding"):
-        prepare_flux(pipe, transformer_fn(teacher), PROMPT, teacher_guidance=None, **SIZE)
+        FlowDistillppPipeline(pipe, teacher, teacher_guidance=None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -118,6 +118,8 @@ class Call:
         latents: initial unit noise in the family's layout, or ``None`` to draw it.
         output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
         options: family-specific keyword arguments (``prompt_2``, ``max_sequence_length``...).
+        state: the family's scratch space for one call (e.g. FLUX's position ids, made while drawing
+            the noise and read by the denoisers).
     """
 
     prompts: list[str]
@@ -133,6 +135,7 @@ class Call:
     latents: torch.Tensor | None
     output_type: str
     options: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -222,7 +225,7 @@ class ModelFamily:
             call: the call.
             student_cfg: the student runs classifier-free guidance (needs its ``uncond``).
             teacher_cfg: whether the teacher runs (``False``: return no teacher conditioning); the
-                family reads the teacher's CFG scale from ``call.options["_teacher_cfg"]``.
+                family reads the teacher's CFG scale from ``call.state["teacher_cfg"]``.
         """
         raise NotImplementedError
 
@@ -516,11 +519,13 @@ class GuidedPipeline:
         lams = g.strengths(sigmas)
         uses_teacher = any(lam != 0 for lam in lams)
         if uses_teacher and not self.has_teacher:
-            raise ValueError(f"this {fam.name} pipeline has no teacher, so strength must be 0 "
-                             f"(got strengths {lams} for the guided steps)")
+            if guidance is not None or strength is not None or guided_steps is not None:
+                raise ValueError(f"this {fam.name} pipeline has no teacher, so strength must be 0 "
+                                 f"(got strengths {lams} for the guided steps)")
+            uses_teacher = False  # the default knobs of a teacher-less pipeline: the student alone
         if uses_teacher:
             fam.check_guidance(g, sigmas)
-        call.options["_teacher_cfg"] = g.teacher_cfg if g.teacher_cfg is not None else self.guidance.teacher_cfg
+        call.state["teacher_cfg"] = g.teacher_cfg if g.teacher_cfg is not None else self.guidance.teacher_cfg
         student_cfg = fam.student_uses_cfg(call)
         cond = fam.encode(call, student_cfg, uses_teacher)
         x = fam.initial(call, sigmas, fam.noise_dtype(cond))

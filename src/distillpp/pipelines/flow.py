@@ -1,7 +1,8 @@
 """Flow-matching students and teachers: FLUX.1 and Stable Diffusion 3.5 as denoisers.
 
-Model adapters only: the method is :mod:`distillpp.guidance`, the sampler our ``euler``, and the
-run itself :func:`~distillpp.pipelines.base.run_guided`.
+Two model families of :class:`~distillpp.pipelines.GuidedPipeline` (:class:`FluxFamily`,
+:class:`SD3Family`) over the flow noise family; the method is :mod:`distillpp.guidance`, the sampler
+our ``euler``.
 
 - ``flux-schnell``: student FLUX.1-schnell (4 steps, static shift 1), teacher the FLUX.1-dev
   transformer with its distilled guidance embedding (``teacher_guidance=3.5``, given to the
@@ -26,7 +27,7 @@ recovers the noise to one float32 ulp.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -34,23 +35,11 @@ import torch
 
 from ..denoisers import CFGDenoiser, FlowDenoiser
 from ..guidance import TeacherGuidance
-from ..schedules import (
-    FLOW_SIGMA_MAX, flow_sigmas, flow_time_shift_mu, flow_time_to_sigma, initial_sample, shift_flow_times,
-)
-from .base import (
-    OUTPUT_TYPES,
-    DistillppPipelineOutput,
-    GuidanceDefaults,
-    GuidedRun,
-    MissingWeightsError,
-    WeightsRef,
-    check_call_args,
-    check_weights,
-    make_guidance,
-    place_teacher_net,
-    run_guided,
-)
+from ..schedules import FLOW_SIGMA_MAX, flow_sigmas, flow_time_shift_mu, flow_time_to_sigma, shift_flow_times
+from .core import Call, Conditioning, GuidedPipeline, ModelFamily
+from .noise import FlowNoise
 from .presets import Preset, register_family, register_preset
+from .weights import MissingWeightsError, WeightsRef, check_weights, loading_errors
 
 __all__ = [
     "FLOW_FAMILIES",
@@ -63,8 +52,8 @@ __all__ = [
     "sd3_sigmas",
     "transformer_fn",
     "FluxConditioning",
-    "prepare_flux",
-    "prepare_sd3",
+    "FluxFamily",
+    "SD3Family",
     "load_flow_preset",
 ]
 
@@ -131,7 +120,7 @@ def check_flow_guidance(guidance: TeacherGuidance | None, sigmas: torch.Tensor) 
     if guidance is None:
         return
     guidance.strengths(sigmas)
-    if guidance.space == "eps" and guidance.steps >= 1 and float(sigmas[0]) >= FLOW_SIGMA_MAX:
+    if guidance.space == "eps" and guidance.guided_steps >= 1 and float(sigmas[0]) >= FLOW_SIGMA_MAX:
         raise ValueError(
             "space must be 'x0' for flow models when the first step is guided: at flow time 1 (sigma=1e8 "
             "standing for infinity) eps fusion forms x0 = x - sigma * eps and amplifies the teacher's "
@@ -266,19 +255,6 @@ class FluxConditioning:
                         **cond)
 
 
-def _net_model(net: Callable[..., torch.Tensor]) -> torch.nn.Module:
-    """The transformer under a (possibly placed or offloaded) :func:`transformer_fn` net."""
-    seen = net
-    for _ in range(4):
-        model = getattr(seen, "model", None)
-        if isinstance(model, torch.nn.Module):
-            return model
-        seen = getattr(seen, "net", None)
-        if seen is None:
-            break
-    raise ValueError("teacher_net must be transformer_fn(teacher_transformer), optionally wrapped by place_teacher_net")
-
-
 def _flux_guidance(transformer: torch.nn.Module, value: float | None, who: str) -> float | None:
     """The guidance value a FLUX transformer takes: its own if it has the embedding, else none."""
     if not transformer.config.get("guidance_embeds", False):
@@ -289,21 +265,7 @@ def _flux_guidance(transformer: torch.nn.Module, value: float | None, who: str) 
 
 
 # ---------------------------------------------------------------------------------------------------
-# One run: the pieces run_guided needs
-
-
-def _batch_size(prompt: str | list[str]) -> int:
-    if isinstance(prompt, str):
-        return 1
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return len(prompt)
-    raise ValueError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-
-
-def _check_size(height: int, width: int, multiple: int) -> None:
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < multiple or v % multiple:
-            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
+# The two families
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -316,243 +278,229 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _decoder(pipe: Any, unpack: Callable[[torch.Tensor], torch.Tensor], output_type: str, dtype: torch.dtype
-             ) -> Callable[[torch.Tensor], Any]:
-    """The student pipeline's own decoding: un-scale, VAE decode, post-process (latents: cast only)."""
+class _TransformerFamily(ModelFamily):
+    """What FLUX and SD3 share: a diffusers pipeline whose text encoders and VAE serve the teacher too."""
 
-    def decode(latents: torch.Tensor) -> Any:
-        if output_type == "latent":
-            return latents.to(dtype)
-        lat = unpack(latents) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    component = "transformer"
+    pipeline_name = ""
+
+    def __init__(self, pipe: Any, teacher: torch.nn.Module | None, options: Mapping[str, Any]):
+        if flow_family(getattr(pipe, "transformer", None)) != self.name:
+            raise ValueError(f"pipe must be a {self.pipeline_name}, got a {type(pipe.transformer).__name__} transformer")
+        self.owner = pipe
+        self.student_module = pipe.transformer
+        self.teacher_module = teacher
+        self.teacher_kind = "separate" if teacher is not None else "none"
+        self.options = dict(options)
+        self.noise = FlowNoise(grid=self._grid, timestep_scale=self.timestep_scale)
+
+    def _grid(self, n: int) -> torch.Tensor:  # the grid depends on the image size: see sigmas()
+        raise NotImplementedError
+
+    def network(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        return transformer_fn(module)
+
+    def check_pair(self) -> None:
+        if self.teacher_module is not None:
+            check_flow_pair(self.student_module, self.teacher_module)
+
+    @property
+    def device(self) -> torch.device:
+        return self.owner._execution_device
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        self.owner.to(device=device, dtype=dtype)
+
+    def default_size(self) -> tuple[int, int]:
+        side = self.owner.default_sample_size * self.owner.vae_scale_factor
+        return side, side
+
+    @property
+    def size_multiple(self) -> int:  # type: ignore[override]
+        return self.owner.vae_scale_factor * self.patch
+
+    def check_guidance(self, guidance: TeacherGuidance, sigmas: torch.Tensor) -> None:
+        check_flow_guidance(guidance, sigmas)
+
+    def noise_dtype(self, cond: Conditioning) -> torch.dtype:
+        return cond.student["cond"]["encoder_hidden_states"].dtype
+
+    def initial(self, call: Call, sigmas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        shape = self.latent_shape(call)
+        if call.latents is not None and tuple(call.latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(call.latents.shape)}")
+        noise = self.prepare_latents(call, dtype)
+        return self.noise.initial(noise.to(self.device), sigmas.to(self.device))
+
+    def decode(self, latents: torch.Tensor, call: Call) -> tuple[Any, Any]:
+        """The student pipeline's own decoding: un-scale, VAE decode, post-process (latents: cast only)."""
+        pipe, dtype = self.owner, call.state["embeds_dtype"]
+        if call.output_type == "latent":
+            return latents.to(dtype), None
+        lat = self.unpack(latents, call) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         lat = lat.to(device=_module_device(pipe.vae), dtype=pipe.vae.dtype)
-        with torch.no_grad():
-            image = pipe.vae.decode(lat, return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type=output_type)
+        image = pipe.vae.decode(lat, return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type=call.output_type), None
 
-    return decode
-
-
-def _uses_teacher(teacher_net: Any, guidance: TeacherGuidance | None, sigmas: torch.Tensor) -> bool:
-    """A teacher is built unless there is none or the guidance gives it zero weight at every step."""
-    if teacher_net is None:
-        return False
-    return guidance is None or any(lam != 0 for lam in guidance.strengths(sigmas))
+    def unpack(self, latents: torch.Tensor, call: Call) -> torch.Tensor:
+        return latents
 
 
-def _check_latents(latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-    if latents is not None and tuple(latents.shape) != shape:
-        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+def _negatives(negative: list[str] | None, n: int) -> list[str]:
+    """The negative prompts of a batch (``""`` by default, as diffusers' SD3)."""
+    return negative if negative is not None else [""] * n
 
 
-def _negatives(negative: str | list[str] | None, prompt: str | list[str]) -> str | list[str]:
-    """The negative prompt(s) for a batch of prompts (``""`` by default, as diffusers' SD3)."""
-    negative = "" if negative is None else negative
-    if isinstance(negative, str) and isinstance(prompt, list):
-        return [negative] * len(prompt)
-    if isinstance(negative, list) and len(negative) != _batch_size(prompt):
-        raise ValueError(f"negative prompt has {len(negative)} entries but there are {_batch_size(prompt)} prompts")
-    return negative
+class FluxFamily(_TransformerFamily):
+    """A ``FluxPipeline`` student (FLUX.1-schnell) and a FLUX teacher transformer (FLUX.1-dev).
 
-
-@torch.no_grad()
-def _prologue(pipe, teacher_net, family, pipeline_name, prompt, height, width, generator, num_images_per_prompt):
-    """Checks every flow family runs first; returns the student transformer, batch size and image size."""
-    check_call_args(generator, num_images_per_prompt)
-    student_tf = pipe.transformer
-    if flow_family(student_tf) != family:
-        raise ValueError(f"pipe must be a {pipeline_name}, got a {type(student_tf).__name__} transformer")
-    if teacher_net is not None:
-        check_flow_pair(student_tf, _net_model(teacher_net))
-    batch = _batch_size(prompt) * num_images_per_prompt
-    height = height or pipe.default_sample_size * pipe.vae_scale_factor
-    width = width or pipe.default_sample_size * pipe.vae_scale_factor
-    return student_tf, batch, height, width
-
-
-def prepare_flux(
-    pipe: Any,
-    teacher_net: Callable[..., torch.Tensor] | None,
-    prompt: str | list[str],
-    prompt_2: str | list[str] | None = None,
-    teacher_negative_prompt: str | list[str] | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_inference_steps: int = 4,
-    guidance_scale: float = FLUX_DEV_GUIDANCE,
-    teacher_guidance: float | None = FLUX_DEV_GUIDANCE,
-    teacher_cfg: float = 1.0,
-    num_images_per_prompt: int = 1,
-    generator: torch.Generator | None = None,
-    latents: torch.Tensor | None = None,
-    max_sequence_length: int = 512,
-    output_type: str = "pil",
-    guidance: TeacherGuidance | None = None,
-) -> GuidedRun:
-    """A ``FluxPipeline`` student and a FLUX teacher network as one :class:`~distillpp.pipelines.GuidedRun`.
-
-    Follows ``FluxPipeline.__call__`` argument for argument; sampled unguided, the run's output equals
-    the pipeline's. The teacher shares the pipeline's text encoders and VAE.
-
-    Args:
-        pipe: the student ``FluxPipeline`` (e.g. FLUX.1-schnell).
-        teacher_net: :func:`transformer_fn` of the teacher's ``FluxTransformer2DModel`` (FLUX.1-dev),
-            placed with :func:`~distillpp.pipelines.base.place_teacher_net`; ``None``: no teacher.
-        prompt, prompt_2: CLIP and T5 prompts, as in diffusers.
-        teacher_negative_prompt: the teacher's true-CFG negative prompt (default ``""``); used only
-            when ``teacher_cfg != 1``.
-        height, width: image size, multiples of ``2 * vae_scale_factor`` (default 1024).
-        num_inference_steps: student steps.
-        guidance_scale: the student's guidance embedding, used only if the student has one (diffusers'
-            semantics; FLUX.1-schnell has none).
-        teacher_guidance: the teacher's guidance embedding value (FLUX.1-dev); reaches the teacher only.
-        teacher_cfg: the teacher's true-CFG scale (1 = off: one teacher forward).
-        num_images_per_prompt, generator, latents, max_sequence_length: as in diffusers.
-        output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (packed latents, like diffusers).
-        guidance: validated against the grid before any model runs; with zero strength at every step
-            the run has no teacher (nothing of it is computed).
+    Follows ``FluxPipeline.__call__``; sampled unguided, the run's output equals the pipeline's. The
+    student's ``guidance_scale`` feeds its guidance embedding only if it has one (FLUX.1-schnell has
+    none); the teacher's embedding value is the ``teacher_guidance`` option, given to the teacher only;
+    ``teacher_cfg > 1`` adds true CFG against the teacher's negative prompt.
     """
-    student_tf, batch, height, width = _prologue(
-        pipe, teacher_net, "flux", "FluxPipeline", prompt, height, width, generator, num_images_per_prompt)
-    teacher_tf = _net_model(teacher_net) if teacher_net is not None else None
-    packed = pipe.vae_scale_factor * 2
-    _check_size(height, width, packed)
-    sigmas = flux_sigmas(num_inference_steps, pipe.scheduler.config, (height // packed) * (width // packed))
-    check_flow_guidance(guidance, sigmas)
-    if not _uses_teacher(teacher_net, guidance, sigmas):
-        teacher_net = teacher_tf = None
-    channels = student_tf.config.in_channels
-    _check_latents(latents, (batch, (height // packed) * (width // packed), channels))
-    student_guidance = _flux_guidance(student_tf, guidance_scale, "student")
-    teacher_guidance = _flux_guidance(teacher_tf, teacher_guidance, "teacher") if teacher_tf is not None else None
 
-    device = pipe._execution_device
-    embeds, pooled, text_ids = pipe.encode_prompt(
-        prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
-        max_sequence_length=max_sequence_length,
-    )
-    cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-    noise, img_ids = pipe.prepare_latents(
-        batch, channels // 4, height, width, embeds.dtype, device, generator, latents,
-    )
-    x = initial_sample(noise, sigmas, "flow")
-    student = FlowDenoiser(FluxConditioning(transformer_fn(student_tf), img_ids, text_ids, student_guidance),
-                           timestep_scale=1.0, dtype=student_tf.dtype)
+    name = "flux"
+    pipeline_name = "FluxPipeline"
+    timestep_scale = 1.0
 
-    teacher, teacher_args = None, None
-    if teacher_net is not None:
-        teacher = CFGDenoiser(FlowDenoiser(FluxConditioning(teacher_net, img_ids, text_ids, teacher_guidance),
-                                           timestep_scale=1.0, dtype=teacher_tf.dtype), teacher_cfg)
-        teacher_args = {"cond": cond}
-        if teacher_cfg != 1.0:
-            n_embeds, n_pooled, _ = pipe.encode_prompt(
-                prompt=_negatives(teacher_negative_prompt, prompt), prompt_2=None, device=device,
-                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
-            )
-            teacher_args["uncond"] = {"encoder_hidden_states": n_embeds, "pooled_projections": n_pooled}
+    @property
+    def patch(self) -> int:
+        return 2
 
-    def unpack(lat: torch.Tensor) -> torch.Tensor:
-        return pipe._unpack_latents(lat, height, width, pipe.vae_scale_factor)
+    def check_options(self, call: Call) -> None:
+        if call.negative is not None:
+            raise ValueError("negative_prompt does not apply to FLUX students (no student CFG); "
+                             "use teacher_negative_prompt with teacher_cfg > 1")
 
-    return GuidedRun(student=student, x=x, sigmas=sigmas, sampler="euler", teacher=teacher, extra_args=cond,
-                     teacher_args=teacher_args, decode=_decoder(pipe, unpack, output_type, embeds.dtype))
+    def _seq_len(self, call: Call) -> int:
+        packed = self.size_multiple
+        return (call.height // packed) * (call.width // packed)
+
+    def sigmas(self, call: Call) -> torch.Tensor:
+        if call.timesteps is not None:
+            raise ValueError("timesteps apply to discrete VP students only; flow students take num_inference_steps")
+        return flux_sigmas(call.num_inference_steps, self.owner.scheduler.config, self._seq_len(call))
+
+    def student_uses_cfg(self, call: Call) -> bool:
+        return False
+
+    def encode(self, call: Call, student_cfg: bool, teacher: bool) -> Conditioning:
+        pipe, o = self.owner, call.options
+        kw = dict(device=self.device, num_images_per_prompt=call.num_images_per_prompt,
+                  max_sequence_length=o["max_sequence_length"])
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=call.prompts, prompt_2=o["prompt_2"], **kw)
+        call.state.update(text_ids=text_ids, embeds_dtype=embeds.dtype)
+        cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if not teacher:
+            return Conditioning({"cond": cond})
+        t_args: dict[str, Any] = {"cond": cond}
+        if call.state["teacher_cfg"] != 1.0:
+            negative = call.teacher_negative or _negatives(None, len(call.prompts))
+            n_embeds, n_pooled, _ = pipe.encode_prompt(prompt=negative, prompt_2=None, **kw)
+            t_args["uncond"] = {"encoder_hidden_states": n_embeds, "pooled_projections": n_pooled}
+        return Conditioning({"cond": cond}, t_args)
+
+    def latent_shape(self, call: Call) -> tuple[int, ...]:
+        return (call.batch, self._seq_len(call), self.student_module.config.in_channels)
+
+    def prepare_latents(self, call: Call, dtype: torch.dtype) -> torch.Tensor:
+        noise, img_ids = self.owner.prepare_latents(
+            call.batch, self.student_module.config.in_channels // 4, call.height, call.width, dtype, self.device,
+            call.generator, call.latents)
+        call.state["img_ids"] = img_ids
+        return noise
+
+    def _conditioned(self, net: Callable[..., torch.Tensor], call: Call, guidance: float | None) -> FluxConditioning:
+        return FluxConditioning(net, call.state["img_ids"], call.state["text_ids"], guidance)
+
+    def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
+        guidance = _flux_guidance(self.student_module, call.guidance_scale, "student")
+        return CFGDenoiser(FlowDenoiser(self._conditioned(net, call, guidance), timestep_scale=1.0,
+                                        dtype=self.student_module.dtype))
+
+    def teacher_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
+        guidance = _flux_guidance(self.teacher_module, call.options["teacher_guidance"], "teacher")
+        inner = FlowDenoiser(self._conditioned(net, call, guidance), timestep_scale=1.0, dtype=self.teacher_module.dtype)
+        return CFGDenoiser(inner, call.state["teacher_cfg"])
+
+    def check_pair(self) -> None:
+        super().check_pair()
+        if self.teacher_module is not None:
+            _flux_guidance(self.teacher_module, self.options["teacher_guidance"], "teacher")
+
+    def unpack(self, latents: torch.Tensor, call: Call) -> torch.Tensor:
+        return self.owner._unpack_latents(latents, call.height, call.width, self.owner.vae_scale_factor)
 
 
-@torch.no_grad()
-def prepare_sd3(
-    pipe: Any,
-    teacher_net: Callable[..., torch.Tensor] | None,
-    prompt: str | list[str],
-    prompt_2: str | list[str] | None = None,
-    prompt_3: str | list[str] | None = None,
-    negative_prompt: str | list[str] | None = None,
-    teacher_negative_prompt: str | list[str] | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_inference_steps: int = 4,
-    guidance_scale: float = 0.0,
-    teacher_cfg: float = 3.5,
-    num_images_per_prompt: int = 1,
-    generator: torch.Generator | None = None,
-    latents: torch.Tensor | None = None,
-    max_sequence_length: int = 256,
-    clip_skip: int | None = None,
-    output_type: str = "pil",
-    guidance: TeacherGuidance | None = None,
-) -> GuidedRun:
-    """A ``StableDiffusion3Pipeline`` student and an SD3 teacher network as one ``GuidedRun``.
+class SD3Family(_TransformerFamily):
+    """A ``StableDiffusion3Pipeline`` student (SD3.5-Large-Turbo) and an SD3 teacher transformer (SD3.5-Large).
 
     Follows ``StableDiffusion3Pipeline.__call__`` (without skip-layer guidance); sampled unguided, the
-    run's output equals the pipeline's.
-
-    Args:
-        pipe: the student pipeline (e.g. SD3.5-Large-Turbo).
-        teacher_net: :func:`transformer_fn` of the teacher's ``SD3Transformer2DModel`` (SD3.5-Large),
-            placed with :func:`~distillpp.pipelines.base.place_teacher_net`; ``None``: no teacher.
-        prompt, prompt_2, prompt_3, negative_prompt: as in diffusers (``negative_prompt`` is the
-            student's, used when ``guidance_scale > 1``).
-        teacher_negative_prompt: the teacher's CFG negative prompt (default: ``negative_prompt``, else ``""``).
-        height, width: image size (default: the transformer's sample size times the VAE factor).
-        num_inference_steps: student steps.
-        guidance_scale: the student's CFG (diffusers' semantics: off at <= 1; Turbo uses 0).
-        teacher_cfg: the teacher's CFG scale (1 = off).
-        num_images_per_prompt, generator, latents, max_sequence_length, clip_skip: as in diffusers.
-        output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
-        guidance: validated against the grid before any model runs; with zero strength at every step
-            the run has no teacher.
+    run's output equals the pipeline's. The teacher runs ordinary CFG (``teacher_cfg``).
     """
-    student_tf, batch, height, width = _prologue(
-        pipe, teacher_net, "sd3", "StableDiffusion3Pipeline", prompt, height, width, generator, num_images_per_prompt)
-    teacher_tf = _net_model(teacher_net) if teacher_net is not None else None
-    patch = student_tf.config.patch_size
-    _check_size(height, width, pipe.vae_scale_factor * patch)
-    lat_h, lat_w = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
-    sigmas = sd3_sigmas(num_inference_steps, pipe.scheduler.config, (lat_h // patch) * (lat_w // patch))
-    check_flow_guidance(guidance, sigmas)
-    if not _uses_teacher(teacher_net, guidance, sigmas):
-        teacher_net = teacher_tf = None
-    _check_latents(latents, (batch, student_tf.config.in_channels, lat_h, lat_w))
 
-    device = pipe._execution_device
-    student_cfg = guidance_scale > 1
-    teacher_cfg_on = teacher_net is not None and teacher_cfg != 1.0
-    t_negative = teacher_negative_prompt if teacher_negative_prompt is not None else negative_prompt
+    name = "sd3"
+    pipeline_name = "StableDiffusion3Pipeline"
+    timestep_scale = 1000.0
 
-    def encode(negative: str | list[str] | None, with_uncond: bool) -> tuple[dict, dict | None]:
-        e, ne, p, np_ = pipe.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, device=device,
-            num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=with_uncond,
-            negative_prompt=negative, clip_skip=clip_skip, max_sequence_length=max_sequence_length,
+    @property
+    def patch(self) -> int:
+        return self.student_module.config.patch_size
+
+    def sigmas(self, call: Call) -> torch.Tensor:
+        if call.timesteps is not None:
+            raise ValueError("timesteps apply to discrete VP students only; flow students take num_inference_steps")
+        f, p = self.owner.vae_scale_factor, self.patch
+        seq = (call.height // f // p) * (call.width // f // p)
+        return sd3_sigmas(call.num_inference_steps, self.owner.scheduler.config, seq)
+
+    def _encode(self, call: Call, negative: list[str] | None, with_uncond: bool) -> tuple[dict, dict | None]:
+        o = call.options
+        e, ne, p, np_ = self.owner.encode_prompt(
+            prompt=call.prompts, prompt_2=o["prompt_2"], prompt_3=o["prompt_3"], device=self.device,
+            num_images_per_prompt=call.num_images_per_prompt, do_classifier_free_guidance=with_uncond,
+            negative_prompt=negative, clip_skip=o["clip_skip"], max_sequence_length=o["max_sequence_length"],
         )
         c = {"encoder_hidden_states": e, "pooled_projections": p}
         return c, ({"encoder_hidden_states": ne, "pooled_projections": np_} if with_uncond else None)
 
-    # One encode gives cond and one uncond; a second only when student and teacher negatives differ.
-    cond, uncond = encode(negative_prompt if student_cfg else t_negative, student_cfg or teacher_cfg_on)
-    t_uncond = uncond
-    if student_cfg and teacher_cfg_on and t_negative != negative_prompt:
-        _, t_uncond = encode(t_negative, True)
+    def encode(self, call: Call, student_cfg: bool, teacher: bool) -> Conditioning:
+        teacher_cfg_on = teacher and call.state["teacher_cfg"] != 1.0
+        t_negative = call.teacher_negative if call.teacher_negative is not None else call.negative
+        # One encode gives cond and one uncond; a second only when student and teacher negatives differ.
+        cond, uncond = self._encode(call, call.negative if student_cfg else t_negative, student_cfg or teacher_cfg_on)
+        t_uncond = uncond
+        if student_cfg and teacher_cfg_on and t_negative != call.negative:
+            _, t_uncond = self._encode(call, t_negative, True)
+        call.state["embeds_dtype"] = cond["encoder_hidden_states"].dtype
+        student = {"cond": cond, "uncond": uncond, "cfg_scale": call.guidance_scale} if student_cfg else {"cond": cond}
+        if not teacher:
+            return Conditioning(student)
+        return Conditioning(student, {"cond": cond, "uncond": t_uncond} if teacher_cfg_on else {"cond": cond})
 
-    embeds = cond["encoder_hidden_states"]
-    noise = pipe.prepare_latents(batch, student_tf.config.in_channels, height, width, embeds.dtype, device,
-                                 generator, latents)
-    x = initial_sample(noise, sigmas, "flow")
-    student = CFGDenoiser(FlowDenoiser(transformer_fn(student_tf), 1000.0, student_tf.dtype), guidance_scale)
-    extra_args = {"cond": cond, "uncond": uncond} if student_cfg else {"cond": cond}
+    def latent_shape(self, call: Call) -> tuple[int, ...]:
+        f = self.owner.vae_scale_factor
+        return (call.batch, self.student_module.config.in_channels, call.height // f, call.width // f)
 
-    teacher, teacher_args = None, None
-    if teacher_net is not None:
-        teacher = CFGDenoiser(FlowDenoiser(teacher_net, 1000.0, teacher_tf.dtype), teacher_cfg)
-        teacher_args = {"cond": cond, "uncond": t_uncond} if teacher_cfg_on else {"cond": cond}
+    def prepare_latents(self, call: Call, dtype: torch.dtype) -> torch.Tensor:
+        return self.owner.prepare_latents(call.batch, self.student_module.config.in_channels, call.height,
+                                          call.width, dtype, self.device, call.generator, call.latents)
 
-    return GuidedRun(student=student, x=x, sigmas=sigmas, sampler="euler", teacher=teacher, extra_args=extra_args,
-                     teacher_args=teacher_args, decode=_decoder(pipe, lambda lat: lat, output_type, embeds.dtype))
+    def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
+        return CFGDenoiser(self.noise.denoiser(net, self.student_module.dtype), call.guidance_scale)
 
-
-# ---------------------------------------------------------------------------------------------------
-# The user-facing pipeline
+    def teacher_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
+        return CFGDenoiser(self.noise.teacher_denoiser(net, self.teacher_module.dtype), call.state["teacher_cfg"])
 
 
-class FlowDistillppPipeline:
+_FAMILY_CLASSES = {"flux": FluxFamily, "sd3": SD3Family}
+_FLOW_X0 = TeacherGuidance(strength=0.05, guided_steps=1, space="x0", renoise="next", noise="random")
+_FAMILY_DEFAULTS = {"flux": TeacherGuidance(strength=0.05, guided_steps=1, space="x0", teacher_cfg=1.0),
+                    "sd3": TeacherGuidance(strength=0.05, guided_steps=1, space="x0", teacher_cfg=3.5)}
+
+
+class FlowDistillppPipeline(GuidedPipeline):
     """A FLUX or SD3 student pipeline guided by a teacher transformer of the same family.
 
     Args:
@@ -562,12 +510,11 @@ class FlowDistillppPipeline:
             ``None`` for the student alone.
         guidance: default teacher-guidance knobs (``teacher_cfg`` is the teacher's CFG scale: FLUX true
             CFG, 1 = off; SD3 ordinary CFG). Default: the family's preset values.
-        num_inference_steps, guidance_scale, height, width, max_sequence_length: student defaults
-            (``max_sequence_length=256`` is FLUX.1-schnell's and SD3's T5 length; diffusers' ``FluxPipeline``
+        num_inference_steps, guidance_scale, height, width: student defaults.
+        max_sequence_length: T5 tokens (256 is FLUX.1-schnell's and SD3's; diffusers' ``FluxPipeline``
             defaults to 512, so pass 512 to compare with its default output).
         teacher_guidance: FLUX.1-dev's distilled guidance value, given to the teacher only.
-        teacher_device: keep the teacher on this device (default: the student's execution device).
-        teacher_offload: ``"cpu"``: keep the teacher in CPU memory, copied over for each of its calls.
+        teacher_device, teacher_offload, compile, preset: see :class:`~distillpp.pipelines.GuidedPipeline`.
 
     Raises:
         ValueError: student and teacher are of different families or disagree on shared dimensions.
@@ -577,46 +524,30 @@ class FlowDistillppPipeline:
         self,
         pipe: Any,
         teacher: torch.nn.Module | None = None,
-        guidance: GuidanceDefaults | None = None,
+        guidance: TeacherGuidance | None = None,
         num_inference_steps: int = 4,
         guidance_scale: float = 0.0,
         teacher_guidance: float | None = FLUX_DEV_GUIDANCE,
         height: int | None = None,
         width: int | None = None,
         max_sequence_length: int = 256,
-        teacher_device: torch.device | str | None = None,
-        teacher_offload: str | None = None,
+        **kwargs: Any,
     ):
-        self.pipe = pipe
-        self.family = flow_family(pipe.transformer)
-        if teacher is not None:
-            check_flow_pair(pipe.transformer, teacher)
-        self.teacher = teacher
-        self.defaults = guidance if guidance is not None else _FAMILY_DEFAULTS[self.family]
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = guidance_scale
-        self.teacher_guidance = teacher_guidance
-        self.height, self.width = height, width
-        self.max_sequence_length = max_sequence_length
-        self.teacher_device = teacher_device
-        self.teacher_offload = teacher_offload
-        self._teacher_net = self._place_teacher()
-        self._progress_disable = True
+        family = flow_family(getattr(pipe, "transformer", None))
+        options: dict[str, Any] = {"prompt_2": None, "max_sequence_length": max_sequence_length}
+        if family == "flux":
+            options["teacher_guidance"] = teacher_guidance
+        else:
+            options.update(prompt_3=None, clip_skip=None)
+        super().__init__(_FAMILY_CLASSES[family](pipe, teacher, options),
+                         guidance=guidance if guidance is not None else _FAMILY_DEFAULTS[family],
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                         width=width, **kwargs)
 
     @property
-    def device(self) -> torch.device:
-        """The execution device (the student's)."""
-        return self.pipe._execution_device
-
-    def set_progress_bar_config(self, **kwargs: Any) -> None:
-        """``disable=False`` shows a sampling progress bar (diffusers' method name)."""
-        self._progress_disable = kwargs.get("disable", True)
-
-    def _place_teacher(self) -> Callable[..., torch.Tensor] | None:
-        if self.teacher is None:
-            return None
-        return place_teacher_net(transformer_fn(self.teacher), self.teacher, self.device,
-                                 self.teacher_device, self.teacher_offload)
+    def teacher_guidance(self) -> float | None:
+        """FLUX.1-dev's guidance value for the teacher (``None`` for SD3)."""
+        return self.family.options.get("teacher_guidance")
 
     @classmethod
     def from_pretrained(
@@ -625,8 +556,6 @@ class FlowDistillppPipeline:
         teacher: str | None,
         torch_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        teacher_device: torch.device | str | None = None,
-        teacher_offload: str | None = None,
         **kwargs: Any,
     ) -> "FlowDistillppPipeline":
         """Load a student pipeline and only the transformer of its teacher (the rest is shared).
@@ -634,10 +563,9 @@ class FlowDistillppPipeline:
         Args:
             student: id or folder of a ``FluxPipeline`` / ``StableDiffusion3Pipeline``.
             teacher: id or folder whose ``transformer`` subfolder is the teacher (``None``: no teacher).
-            torch_dtype: e.g. ``torch.bfloat16`` (samples stay float32).
+            torch_dtype: e.g. ``torch.bfloat16``.
             device: where the student goes.
-            teacher_device, teacher_offload: teacher placement (see the class).
-            **kwargs: pipeline defaults (``guidance=``, ``num_inference_steps=``...) and
+            **kwargs: pipeline options (``guidance=``, ``num_inference_steps=``, ``teacher_device=``...) and
                 ``from_pretrained`` options (``local_files_only``, ``revision``, ``token``...).
 
         Raises:
@@ -646,130 +574,30 @@ class FlowDistillppPipeline:
         """
         from diffusers import DiffusionPipeline
 
-        own = {k: kwargs.pop(k) for k in list(kwargs) if k in _PIPELINE_DEFAULTS}
-        pipe = DiffusionPipeline.from_pretrained(student, torch_dtype=torch_dtype, **kwargs)
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in _PIPELINE_OPTIONS}
+        pipe = DiffusionPipeline.from_pretrained(student, dtype=torch_dtype, **kwargs)
         if not hasattr(pipe, "transformer"):
             raise ValueError(f"student {student!r} is not a FLUX or SD3 pipeline (it has no transformer)")
         teacher_tf = _load_teacher(pipe, student, teacher, torch_dtype, kwargs) if teacher is not None else None
         if device is not None:
             pipe.to(device)
-        return cls(pipe, teacher_tf, teacher_device=teacher_device, teacher_offload=teacher_offload, **own)
+            if teacher_tf is not None and own.get("teacher_device") is None and own.get("teacher_offload") is None:
+                teacher_tf.to(device)
+        return cls(pipe, teacher_tf, **own)
 
-    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "FlowDistillppPipeline":
-        """Move the student (and the teacher, unless it is placed elsewhere or offloaded)."""
-        self.pipe.to(device=device, dtype=dtype)
-        if self.teacher is not None:
-            if dtype is not None:
-                self.teacher.to(dtype=dtype)
-            if device is not None and self.teacher_device is None and self.teacher_offload is None:
-                self.teacher.to(device)
-            self._teacher_net = self._place_teacher()
-        return self
+    @classmethod
+    def from_preset(cls, name: str | Preset, **kwargs: Any) -> "FlowDistillppPipeline":
+        """Load a ``flux`` or ``sd3`` preset; see :func:`distillpp.pipelines.from_preset` for the options."""
+        from .presets import from_preset, get_preset
 
-    def prepare(self, prompt: str | list[str], guidance: TeacherGuidance | None = None, **kwargs: Any) -> GuidedRun:
-        """The :class:`~distillpp.pipelines.GuidedRun` for one call (``prepare_flux`` / ``prepare_sd3`` arguments)."""
-        kwargs.setdefault("num_inference_steps", self.num_inference_steps)
-        kwargs.setdefault("guidance_scale", self.guidance_scale)
-        kwargs.setdefault("max_sequence_length", self.max_sequence_length)
-        kwargs.setdefault("height", self.height)
-        kwargs.setdefault("width", self.width)
-        if guidance is not None and guidance.teacher_cfg is not None:
-            kwargs.setdefault("teacher_cfg", guidance.teacher_cfg)
-        if self.family == "flux":
-            kwargs.setdefault("teacher_guidance", self.teacher_guidance)
-            kwargs.pop("negative_prompt", None)  # FLUX students take no negative prompt
-            return prepare_flux(self.pipe, self._teacher_net, prompt, guidance=guidance, **kwargs)
-        kwargs.pop("teacher_guidance", None)
-        return prepare_sd3(self.pipe, self._teacher_net, prompt, guidance=guidance, **kwargs)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        output_type: str = "pil",
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        guidance_scale: float | None = None,
-        strength: Any = None,
-        guided_steps: int | None = None,
-        teacher_cfg: float | None = None,
-        renoise: str | None = None,
-        noise: str | None = None,
-        space: str | None = None,
-        samples: int | None = None,
-        teacher_negative_prompt: str | list[str] | None = None,
-        callback: Callable[[dict], None] | None = None,
-        return_dict: bool = True,
-        teacher_guidance: float | None = None,
-        max_sequence_length: int | None = None,
-        latents: torch.Tensor | None = None,
-        **prompts: Any,
-    ) -> DistillppPipelineOutput | tuple:
-        """Generate images; the student alone with ``strength=0`` (equal to its diffusers pipeline).
-
-        Args:
-            prompt: text prompt(s).
-            negative_prompt: the student's negative prompt (SD3 with ``guidance_scale > 1``) and the
-                teacher's default one.
-            num_inference_steps, guidance_scale, height, width, max_sequence_length: override defaults.
-            generator: one ``torch.Generator`` for the initial latents and every guidance draw.
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
-            num_images_per_prompt: images per prompt.
-            latents: initial unit noise in the student pipeline's layout (FLUX: packed
-                ``[B, tokens, 4 C]``; SD3: ``[B, C, H / f, W / f]``) instead of drawing it.
-            strength, guided_steps, teacher_cfg, renoise, noise, space, samples: teacher-guidance knobs
-                (``None``: the pipeline's defaults; see :class:`distillpp.TeacherGuidance`).
-            teacher_negative_prompt: the teacher's CFG negative prompt (default ``negative_prompt`` or ``""``).
-            callback: per-step callback of :func:`distillpp.sample`.
-            return_dict: return a :class:`~distillpp.pipelines.DistillppPipelineOutput` (else a tuple).
-            teacher_guidance: FLUX.1-dev guidance embedding value for the teacher.
-            **prompts: ``prompt_2``, ``prompt_3``, ``clip_skip`` as in diffusers.
-
-        Raises:
-            ValueError: on invalid arguments, before any model call.
-        """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        allowed = {"prompt_2", "prompt_3", "clip_skip"} if self.family == "sd3" else {"prompt_2"}
-        unknown = set(prompts) - allowed
-        if unknown:
-            raise ValueError(
-                f"unexpected arguments {sorted(unknown)}; {self.family} pipelines accept {sorted(allowed)}"
-            )
-        g = make_guidance(self.defaults, strength, guided_steps, teacher_cfg, renoise, noise, space, samples)
-        kwargs: dict[str, Any] = dict(prompts, generator=generator, output_type=output_type,
-                                      num_images_per_prompt=num_images_per_prompt, latents=latents)
-        if self.family == "sd3":
-            kwargs["negative_prompt"] = negative_prompt
-        t_negative = teacher_negative_prompt if teacher_negative_prompt is not None else negative_prompt
-        if self._teacher_net is not None:
-            kwargs["teacher_negative_prompt"] = t_negative
-            kwargs["teacher_cfg"] = g.teacher_cfg
-        for key, value in (("num_inference_steps", num_inference_steps), ("guidance_scale", guidance_scale),
-                           ("height", height), ("width", width), ("max_sequence_length", max_sequence_length),
-                           ("teacher_guidance", teacher_guidance)):
-            if value is not None:
-                kwargs[key] = value
-        run = self.prepare(prompt, guidance=g if self._teacher_net is not None else None, **kwargs)
-        guided = g if run.teacher is not None else None
-        latents_out, images = run_guided(run, guided, generator=generator, callback=callback,
-                                         disable=self._progress_disable)
-        if images is None:
-            images = latents_out
-        if not return_dict:
-            return (images,)
-        return DistillppPipelineOutput(images=images)
+        preset = get_preset(name) if isinstance(name, str) else name
+        if preset.family not in _FAMILY_CLASSES:
+            raise ValueError(f"preset {preset.name!r} is a {preset.family} preset; use distillpp.pipelines.from_preset")
+        return from_preset(preset, **kwargs)
 
 
-_FLOW_X0 = GuidanceDefaults(strength=0.05, guided_steps=1, space="x0", renoise="next", noise="random")
-_FAMILY_DEFAULTS = {"flux": replace(_FLOW_X0, teacher_cfg=1.0), "sd3": replace(_FLOW_X0, teacher_cfg=3.5)}
-
-_PIPELINE_DEFAULTS = ("guidance", "num_inference_steps", "guidance_scale", "teacher_guidance", "height", "width",
-                      "max_sequence_length")
+_PIPELINE_OPTIONS = ("guidance", "num_inference_steps", "guidance_scale", "teacher_guidance", "height", "width",
+                     "max_sequence_length", "teacher_device", "teacher_offload", "compile", "preset")
 _HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only")
 
 
@@ -794,7 +622,7 @@ def _load_teacher(pipe: Any, student: str, teacher: str, torch_dtype: torch.dtyp
                 f"teacher {teacher!r} has {key}={config[key]} but the student {student!r} has "
                 f"{key}={pipe.transformer.config.get(key)} ({what})"
             )
-    model = cls.from_pretrained(teacher, subfolder="transformer", torch_dtype=torch_dtype, **hub)
+    model = cls.from_pretrained(teacher, subfolder="transformer", dtype=torch_dtype, **hub)
     check_flow_pair(pipe.transformer, model)
     return model
 
@@ -817,6 +645,7 @@ def load_flow_preset(
     download: bool = False,
     teacher_device: torch.device | str | None = None,
     teacher_offload: str | None = None,
+    compile: str = "none",
     **kwargs: Any,
 ) -> FlowDistillppPipeline:
     """Loader of the ``flux`` and ``sd3`` preset families (see :func:`~distillpp.pipelines.from_preset`).
@@ -826,7 +655,7 @@ def load_flow_preset(
         base, student: folder or id of the student pipeline (either name; overrides the preset's).
         teacher: folder or id of the teacher (its ``transformer`` subfolder is loaded); ``"none"``: no teacher.
         torch_dtype: e.g. ``torch.bfloat16``.
-        device, teacher_device, teacher_offload: placement.
+        device, teacher_device, teacher_offload, compile: placement and acceleration.
         download: allow downloads (default: local folders and the Hugging Face cache only).
         **kwargs: pipeline defaults overriding the preset's (``num_inference_steps=``...).
 
@@ -852,19 +681,12 @@ def load_flow_preset(
         teacher_guidance=extra.get("teacher_guidance", FLUX_DEV_GUIDANCE),
     )
     defaults.update(kwargs)
-    try:
+    with loading_errors(f"preset {preset.name!r}", paths.values(), refs):
         return FlowDistillppPipeline.from_pretrained(
             paths[refs[0]], paths[refs[1]] if teacher_repo is not None else None, torch_dtype=torch_dtype,
-            device=device, teacher_device=teacher_device, teacher_offload=teacher_offload,
-            local_files_only=not download, **defaults,
+            device=device, teacher_device=teacher_device, teacher_offload=teacher_offload, compile=compile,
+            preset=preset, local_files_only=not download, **defaults,
         )
-    except MissingWeightsError:
-        raise
-    except OSError as e:  # an incomplete folder or snapshot (missing subfolder or weights file)
-        raise MissingWeightsError(
-            f"could not load preset {preset.name!r} from {', '.join(paths.values())}: {e}\n"
-            "get the weights with:\n" + "\n".join("  " + r.download_command() for r in refs if r.is_hub_id)
-        ) from e
 
 
 register_family("flux", load_flow_preset)
@@ -872,7 +694,7 @@ register_family("sd3", load_flow_preset)
 
 # Steps, student guidance and token counts follow the model cards (FLUX.1-schnell: 4 steps, guidance 0,
 # 256 T5 tokens; SD3.5-Large-Turbo: 4 steps, guidance 0; SD3.5-Large: CFG 3.5). Strength 0.05 in x0
-# space with one guided step is the paper's range for Euler students (SPEC section 5); it has not been
+# space with one guided step is the paper's range for Euler students (docs/method.md); it has not been
 # tuned or validated on these weights.
 
 register_preset(Preset(

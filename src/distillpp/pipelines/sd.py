@@ -190,7 +190,7 @@ class SDFamily(ModelFamily):
         if not teacher:
             return Conditioning(student)
         t_uncond = None
-        if call.options["_teacher_cfg"] != 1:
+        if call.state["teacher_cfg"] != 1:
             same_negative = call.teacher_negative is None or call.teacher_negative == call.negative
             t_uncond = uncond if (student_cfg and same_negative) else \
                 self._encode(call, call.teacher_negative or call.negative, True)[1]
@@ -208,7 +208,7 @@ class SDFamily(ModelFamily):
 
     def teacher_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
         return CFGDenoiser(self.teacher_noise.teacher_denoiser(net, self.teacher_module.dtype),
-                           scale=call.options["_teacher_cfg"])
+                           scale=call.state["teacher_cfg"])
 
     def decode(self, latents: torch.Tensor, call: Call) -> tuple[Any, Any]:
         """Latents -> images exactly as the student's diffusers pipeline decodes them."""

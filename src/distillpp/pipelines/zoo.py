@@ -125,7 +125,7 @@ class ZooFamily(ModelFamily):
         return CFGDenoiser(self.noise.denoiser(net, self.student_module.dtype))
 
     def teacher_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
-        scale = call.options["_teacher_cfg"]
+        scale = call.state["teacher_cfg"]
         return CFGDenoiser(self.teacher_noise.teacher_denoiser(net, self.teacher_module.dtype),
                            zoo.TEACHER_CFG if scale is None else scale)
 
