@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+from diffusers import (
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
+)
 
 import distillpp
 from distillpp.analytic import GaussianMixture, GaussianMixtureDenoiser
@@ -56,6 +62,9 @@ def test_presets_equal_the_students_release_schedulers(sd, steps):
     ddim.set_timesteps(steps)
     torch.testing.assert_close(core.preset_sigmas("hyper-sd", steps, sd), _vp(ddim, ddim.timesteps), rtol=1e-5,
                                atol=0)
+    tcd = TCDScheduler(**SD)
+    tcd.set_timesteps(steps)
+    torch.testing.assert_close(core.preset_sigmas("tcd", steps, sd), _vp(tcd, tcd.timesteps), rtol=1e-5, atol=0)
     flow = FlowMatchEulerDiscreteScheduler(shift=1.0)  # FLUX.1-schnell's scheduler config
     flow.set_timesteps(steps)
     torch.testing.assert_close(core.preset_sigmas("flux-schnell", steps), flow.sigmas.float(), rtol=1e-6, atol=0)

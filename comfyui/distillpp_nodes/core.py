@@ -30,6 +30,7 @@ from distillpp.schedules import (
     flow_sigmas,
     flow_time_to_sigma,
     lcm_sigmas,
+    tcd_sigmas,
     timestep_sigmas,
 )
 
@@ -66,6 +67,7 @@ PRESETS: dict[str, str] = {
     "dmd2": "DMD2: explicit timesteps, 999,749,499,249 by default (timestep_sigmas)",
     "turbo": "SD/SDXL-Turbo: Euler ancestral, trailing timesteps (euler_sigmas, 'trailing')",
     "hyper-sd": "Hyper-SD n-step LoRAs: DDIM, trailing timesteps, last step to sigma 0 (ddim_sigmas)",
+    "tcd": "TCD / Hyper-SD unified LoRA: TCDScheduler's timesteps (tcd_sigmas); sample with 'tcd'",
     "flux-schnell": "FLUX.1-schnell: FlowMatchEulerDiscreteScheduler, shift 1 (flow_sigmas), in flow time",
 }
 
@@ -261,6 +263,8 @@ def preset_sigmas(
         return lcm_sigmas(schedule, steps)
     if preset == "hyper-sd":
         return ddim_sigmas(schedule, steps, timestep_spacing="trailing")
+    if preset == "tcd":
+        return tcd_sigmas(schedule, steps)
     T = schedule.num_train_timesteps
     if timesteps is None:
         timesteps = [T - 1 - k * (T // steps) for k in range(steps)]  # 999, 749, 499, 249 for 4 steps
