@@ -300,3 +300,17 @@ def test_student_output_that_would_broadcast_is_refused_unguided(sampler):
 
     with pytest.raises(ValueError, match=r"student output \(2, 1\) differs from its input's shape \(2, 3\)"):
         distillpp.sample(student, X, SIGMAS, sampler=sampler, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "consistency", "ddim"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_non_finite_student_raises_naming_the_step_when_unguided(sampler, guided):
+    """NaN from the student at step 2 (sigma 1): unguided, or after a guided first step, no "valid" result."""
+
+    def student(x, sigma, **kw):
+        return torch.full_like(x, float("nan")) if float(sigma[0]) < 2 else x * 0.5
+
+    extra = dict(teacher=_student, guidance=TeacherGuidance(strength=0.5, steps=1)) if guided else {}
+    with pytest.raises(NonFiniteError) as err:
+        distillpp.sample(student, X, SIGMAS, sampler=sampler, generator=torch.Generator().manual_seed(0), **extra)
+    assert "student" in str(err.value) and "step 2" in str(err.value) and "sigma=1" in str(err.value)

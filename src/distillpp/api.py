@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .denoisers import CFGDenoiser
-from .guidance import TeacherGuidance, as_number
+from .guidance import NonFiniteError, TeacherGuidance, as_number
 from .samplers import SAMPLERS
 
 __all__ = ["sample", "check_sigmas", "check_sampler_options"]
@@ -93,16 +93,32 @@ def _warn_if_unguided(teacher: Any, guidance: TeacherGuidance | None) -> None:
 
 
 class _ShapeCheckedStudent:
-    """The student, with its first output's shape compared to its input's.
+    """The student, with its first output's shape compared to its input's and every output checked for NaN/Inf.
 
     A student returning e.g. ``[B, 1, H, W]`` for a ``[B, C, H, W]`` sample would broadcast through
     every solver update and give a "valid" result of the wrong content; once the first call matches,
-    later calls pass straight through.
+    later calls are only checked for finiteness. That check is a device flag per call, read once after
+    the run by :meth:`raise_if_non_finite` (no host sync inside the sampling loop), so an unguided
+    run that went NaN raises too instead of returning a "valid" tensor.
     """
 
     def __init__(self, student: Callable[..., torch.Tensor]):
         self.student = student
         self.checked = False
+        self.finite: list[tuple[torch.Tensor, torch.Tensor]] = []  # (all finite?, sigma) per call, on device
+
+    def raise_if_non_finite(self, grid: list[float]) -> None:
+        """Raise :class:`NonFiniteError` naming the step of the first call that returned NaN/Inf (one host read)."""
+        if not self.finite:
+            return
+        flags = torch.stack([ok for ok, _ in self.finite]).tolist()
+        if all(flags):
+            return
+        sigma = float(self.finite[flags.index(False)][1])
+        # The step whose interval holds this sigma (a midpoint evaluation belongs to the step it starts from).
+        step = max([i for i, s in enumerate(grid[:-1]) if s >= sigma * (1 - 1e-6)], default=0)
+        raise NonFiniteError(f"the student returned NaN or Inf at step {step} (sigma={sigma:.6g}); check its dtype "
+                             "(fp16 overflow), weights and conditioning")
 
     def __getattr__(self, name: str) -> Any:  # schedule, dtype, ... of the wrapped denoiser
         if name == "student":  # not yet set (copy, pickle): no recursion
@@ -120,6 +136,9 @@ class _ShapeCheckedStudent:
                     "D(x, sigma) must return an x0 estimate shaped like x"
                 )
             self.checked = True
+        x0 = out[0] if isinstance(out, tuple) else out
+        if isinstance(x0, torch.Tensor):
+            self.finite.append((torch.isfinite(x0).all(), sigma.reshape(-1)[:1]))
         return out
 
 
@@ -221,6 +240,7 @@ def sample(
     )
     if guide is not None:
         guide.raise_if_non_finite()  # one host read per run, after the loop
+    student.raise_if_non_finite(sigmas.tolist())
     return out
 
 
