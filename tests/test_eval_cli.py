@@ -140,3 +140,58 @@ def test_torchmetrics_fid_agrees_with_ours_on_the_same_features():
     metric.update(a, real=True)
     metric.update(b, real=False)
     assert float(metric.compute()) == pytest.approx(fid_from_features(b, a), rel=1e-5)
+
+
+def _tiny_clip_parts(folder: Path):
+    """Processor (saved to ``folder``) and config of a random CLIP with a byte-level vocabulary."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder.mkdir(exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=32,
+                                         bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, **small),
+                        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=8)
+    return processor, config
+
+
+def test_clip_score_from_a_local_clip_folder(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from transformers import CLIPModel
+
+    rng = np.random.default_rng(1)
+    prompts = ["Bag", "Coat", "Sneaker", "Dress"]
+    _save(tmp_path / "gen", rng.integers(0, 256, (4, 28, 28), dtype=np.uint8))
+    (tmp_path / "gen" / "manifest.jsonl").write_text(
+        "".join(json.dumps({"file": f"{i:04d}.png", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    images = [Image.open(tmp_path / "gen" / f"{i:04d}.png").convert("RGB") for i in range(4)]
+    proc, config = _tiny_clip_parts(tmp_path / "clip")
+    inputs = proc(text=prompts, images=images, return_tensors="pt", padding=True)
+    for seed in range(20):  # a random model whose image-text cosines are not all clamped to 0
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+        with torch.no_grad():
+            img = model.visual_projection(model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output)
+            txt = model.text_projection(model.text_model(input_ids=inputs["input_ids"],
+                                                         attention_mask=inputs["attention_mask"]).pooler_output)
+        cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+        if (cos > 0).any() and (cos < 0).any():
+            break
+    model.save_pretrained(tmp_path / "clip")
+    assert _eval("--images", str(tmp_path / "gen"), "--reference", str(tmp_path / "gen"), "--clip",
+                 str(tmp_path / "clip"), "--out", str(tmp_path / "r")) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["clip_score"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-5)
+    assert report["clip_score"] > 0
+    assert _eval("--images", str(tmp_path / "gen"), "--reference", str(tmp_path / "gen"), "--clip",
+                 str(tmp_path / "nowhere")) == 2
+    assert "not a local CLIP folder" in capsys.readouterr().err

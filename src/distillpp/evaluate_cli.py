@@ -188,9 +188,10 @@ def _clip_score(folder: str, files: Sequence[Path], prompts: Sequence[str], devi
             images = [Image.open(p).convert("RGB") for p in chunk]
             inputs = processor(text=list(prompts[start : start + 64]), images=images, return_tensors="pt",
                                padding=True, truncation=True).to(device)
-            img = model.get_image_features(pixel_values=inputs["pixel_values"])
-            txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+            # The forward's projected embeddings (transformers 4 and 5 agree on these; 5 changed what
+            # get_image_features returns).
+            out = model(**inputs)
+            cos = torch.nn.functional.cosine_similarity(out.image_embeds.float(), out.text_embeds.float(), dim=-1)
             scores.append((100 * cos.clamp(min=0)).cpu())
     return float(torch.cat(scores).mean())
 
