@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ..denoisers import CFGDenoiser, FlowDenoiser
+from ..denoisers import CFGDenoiser, FlowDenoiser, transformer_fn
 from ..guidance import TeacherGuidance
 from ..schedules import FLOW_SIGMA_MAX, flow_sigmas, flow_time_shift_mu, flow_time_to_sigma, shift_flow_times
 from .core import Call, Conditioning, GuidedPipeline, ModelFamily
@@ -50,7 +50,6 @@ __all__ = [
     "check_flow_guidance",
     "flux_sigmas",
     "sd3_sigmas",
-    "transformer_fn",
     "FluxConditioning",
     "FluxFamily",
     "SD3Family",
@@ -205,25 +204,7 @@ def sd3_sigmas(num_inference_steps: int, scheduler_config: Mapping[str, Any], im
 
 
 # ---------------------------------------------------------------------------------------------------
-# Transformers as nets ``net(x_fm, t, **cond)`` for FlowDenoiser
-
-
-def transformer_fn(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    """A FLUX/SD3 transformer as ``net(hidden_states, timestep, **cond)``, casting floats to its dtype.
-
-    (:func:`distillpp.unet_fn` passes the timestep positionally, which these transformers take third
-    or fourth.) ``guidance`` stays float32, as diffusers passes it.
-    """
-
-    def net(hidden_states: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
-        dtype = model.dtype
-        cond = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "guidance" else v
-                for k, v in cond.items()}
-        out = model(hidden_states=hidden_states.to(dtype), timestep=timestep.float(), **cond, return_dict=False)[0]
-        return out.to(hidden_states.device)
-
-    net.model = model  # type: ignore[attr-defined]
-    return net
+# FLUX's per-run inputs
 
 
 @dataclass
@@ -235,8 +216,8 @@ class FluxConditioning:
     the guidance's ``samples`` concatenate along the batch.
 
     Args:
-        net: ``net(hidden_states, timestep, **cond)`` over a ``FluxTransformer2DModel`` (possibly placed
-            on another device or offloaded).
+        net: ``net(hidden_states, timestep, **cond)`` over a ``FluxTransformer2DModel``
+            (:func:`distillpp.denoisers.transformer_fn`, possibly placed on another device or offloaded).
         img_ids, txt_ids: position ids, ``[tokens, 3]``.
         guidance: distilled guidance value (FLUX.1-dev); ``None`` for models without the embedding.
     """
