@@ -40,15 +40,14 @@ __all__ = [
     "build_app",
     "add_arguments",
     "run",
-    "TEACHER_PRESETS",
+    "serve",
+    "guided_presets",
+    "teacher_preset",
     "INSTALL_HINT",
 ]
 
 INSTALL_HINT = "distillpp ui needs Gradio: pip install 'distillpp[ui]'"
 
-# The zoo students' own teachers, sampled alone for the optional third column. Diffusers presets have
-# no teacher-only preset, so the column is offered for the zoo only.
-TEACHER_PRESETS = {"zoo-lcm": "zoo-teacher", "zoo-pd": "zoo-teacher", "zoo-flow-student": "zoo-flow-teacher"}
 DEFAULT_PRESET = "zoo-lcm"
 MAX_SEEDS = 16
 # Zoo images are 28 x 28: shown enlarged (nearest neighbour, so pixels stay crisp) or a browser blurs them.
@@ -220,13 +219,12 @@ def parse_request(
         ValueError: a readable message naming the setting.
     """
     from .guidance import TeacherGuidance
-    from .pipelines import list_presets
-
     name = str(preset or "").strip()
     if not name:
         raise ValueError("preset is empty: pick one from the list")
-    if name not in list_presets():
-        raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(list_presets())}")
+    if name not in guided_presets():
+        raise ValueError(f"preset {name!r} is not a student preset with a teacher; choose one of "
+                         f"{', '.join(guided_presets())}")
     text = str(prompt or "").strip()
     if not text:
         raise ValueError("prompt is empty: type a prompt (zoo presets: a Fashion-MNIST class such as Sneaker)")
@@ -261,6 +259,7 @@ def preset_defaults(name: str) -> dict[str, Any]:
 
     p = get_preset(name)
     g = p.guidance
+    teacher = teacher_preset(name)
     strength = getattr(g, "strength", 0.1)
     return {
         "zoo": _is_zoo(name),
@@ -273,12 +272,37 @@ def preset_defaults(name: str) -> dict[str, Any]:
         "space": getattr(g, "space", "x0"),
         "teacher_cfg": getattr(g, "teacher_cfg", None),
         "samples": int(getattr(g, "samples", 1)),
-        "teacher_steps": int(get_preset(TEACHER_PRESETS[name]).num_inference_steps) if name in TEACHER_PRESETS else None,
+        "teacher_steps": int(get_preset(teacher).num_inference_steps) if teacher else None,
     }
 
 
 def _is_zoo(name: str) -> bool:
-    return name.startswith("zoo-")
+    from .pipelines import get_preset
+
+    return get_preset(name).family == "zoo"
+
+
+def teacher_preset(name: str) -> str | None:
+    """The preset that samples ``name``'s teacher alone with its own many-step sampler, if there is one.
+
+    Zoo students have one (``zoo-lcm`` -> ``zoo-teacher``); diffusers presets do not, so the
+    teacher column is offered for the zoo only.
+    """
+    from .pipelines import get_preset, list_presets
+
+    p = get_preset(name)
+    candidate = f"zoo-{p.teacher}"
+    if p.family == "zoo" and candidate in list_presets() and get_preset(candidate).teacher == "none":
+        return candidate
+    return None
+
+
+def guided_presets() -> list[str]:
+    """The presets the app offers: those with a teacher to guide them, zoo presets first."""
+    from .pipelines import get_preset, list_presets
+
+    names = [n for n in list_presets() if get_preset(n).teacher != "none"]
+    return sorted(names, key=lambda n: (not _is_zoo(n), n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +365,7 @@ class Backend:
         if not getattr(pipe, "has_teacher", True):
             raise ValueError(f"preset {req.preset!r} has no teacher to guide it; pick a student preset")
         n_steps = req.steps or int(pipe.preset.num_inference_steps)
-        teacher_name = TEACHER_PRESETS.get(req.preset) if req.with_teacher else None
+        teacher_name = teacher_preset(req.preset) if req.with_teacher else None
         teacher_pipe = self.pipeline(teacher_name) if teacher_name else None
         teacher_steps = 0
         if teacher_pipe is not None:
@@ -437,7 +461,7 @@ def python_code(req: Request, device: str = "cpu") -> str:
         ").images",
         "student = pipe(prompts, generator=generators(), strength=0.0).images  # no teacher call",
     ]
-    teacher = TEACHER_PRESETS.get(req.preset) if req.with_teacher else None
+    teacher = teacher_preset(req.preset) if req.with_teacher else None
     if teacher:
         steps = "" if req.teacher_steps is None else f", num_inference_steps={req.teacher_steps}"
         lines.append(f"teacher = from_preset({teacher!r}, device={device!r})(prompts, generator=generators(){steps}).images")
@@ -532,10 +556,9 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
     gr = _import_gradio()
     import pandas as pd
 
-    from .demo import CLASS_NAMES
-    from .pipelines import list_presets
+    from .zoo import CLASS_NAMES
 
-    presets = sorted(list_presets(), key=lambda n: (not _is_zoo(n), n))
+    presets = guided_presets()
     if preset not in presets:
         raise ValueError(f"preset must be one of {', '.join(presets)}; got {preset!r}")
     d = preset_defaults(preset)
@@ -571,7 +594,8 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
                     w_samples = gr.Slider(1, 8, value=d["samples"], step=1, label="K teacher samples per step")
                 with gr.Row(visible=d["zoo"]) as w_teacher_row:
                     w_teacher = gr.Checkbox(True, label="Also show the teacher alone (its own sampler)", scale=2)
-                    w_teacher_steps = gr.Number(d["teacher_steps"], label="Teacher steps", precision=0, scale=1)
+                    w_teacher_steps = gr.Number(d["teacher_steps"], label="Teacher steps", precision=0, scale=1,
+                                                elem_id="teacher-steps")
                 w_go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
                 w_status = gr.Markdown("Pick settings and press **Generate**.", elem_id="status")
@@ -621,7 +645,8 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
             except Exception as err:  # noqa: BLE001 - every failure becomes a message, the app keeps running
                 if not isinstance(err, (ValueError, FileNotFoundError)):
                     traceback.print_exc()
-                return (_error_text(err), [], [], gr.update(value=[]), empty_plot, "", "")
+                cleared = gr.update(value=[])
+                return (_error_text(err), cleared, cleared, cleared, empty_plot, "", "")
             cols = min(len(req.seeds), 8)
             return (
                 summary(result),
@@ -679,14 +704,33 @@ def run(args: argparse.Namespace) -> int:
     if torch.device(device).type == "cpu":
         torch.set_num_threads(cpu_threads(args.threads))
     app = build_app(Backend(device=device, download=args.download), preset=args.preset)
-    port = args.port or _free_port(args.host)
-    print(f"distillpp ui: serving on http://{args.host}:{port} (Ctrl-C stops it)", flush=True)
-    app.queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=port, share=False, inbrowser=args.open, ssr_mode=False,
-        mcp_server=False, pwa=False, css=CSS, footer_links=["api"], quiet=True,
-    )
+    url = serve(app, args.host, args.port, open_browser=args.open, block=False)
+    print(f"distillpp ui: serving on {url} (Ctrl-C stops it)", flush=True)
+    try:
+        app.block_thread()
+    finally:
+        app.close()
     del gr
     return 0
+
+
+def serve(app: Any, host: str = "127.0.0.1", port: int = 0, open_browser: bool = False, block: bool = True) -> str:
+    """Launch ``app`` (from :func:`build_app`) locally, without a share link; returns its URL.
+
+    Args:
+        app: the Gradio Blocks.
+        host: address to listen on.
+        port: port, or 0 for a free one.
+        open_browser: open the page in the default browser.
+        block: serve until interrupted; ``False`` returns at once (``app.close()`` stops it).
+    """
+    port = port or _free_port(host)
+    # One sampling job at a time: the models are shared and a CPU has no spare cores for a second one.
+    app.queue(default_concurrency_limit=1).launch(
+        server_name=host, server_port=port, share=False, inbrowser=open_browser, prevent_thread_lock=not block,
+        ssr_mode=False, mcp_server=False, pwa=False, css=CSS, footer_links=["api"], quiet=True,
+    )
+    return f"http://{host}:{port}"
 
 
 def _free_port(host: str) -> int:

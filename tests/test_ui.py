@@ -1,0 +1,288 @@
+"""``distillpp ui``: the app's functions on the shipped zoo, the running app through gradio_client, and
+the page in a real browser (Debian's chromium driven by Playwright).
+
+``DISTILLPP_UI_SCREENSHOT=docs/ui.png pytest tests/test_ui.py -k browser`` writes the README's picture
+(4 seeds, the teacher at its 50 steps); without it the browser test samples less and keeps its
+screenshot in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distillpp import ui
+from distillpp.pipelines import MissingWeightsError
+
+CHROMIUM = Path("/usr/bin/chromium")
+# gradio's queue calls pandas options that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
+
+
+def request(**overrides):
+    kw = dict(preset="zoo-lcm", prompt="Sneaker", seeds="0, 1", strength=0.75, per_step="", guided_steps=1,
+              steps=None, renoise="next", noise="random", space="x0", teacher_cfg=1.5, samples=1,
+              with_teacher=False, teacher_steps=None)
+    kw.update(overrides)
+    return ui.parse_request(**kw)
+
+
+def pixels(images):
+    return [np.asarray(im.convert("L")) for im in images]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return ui.Backend(device="cpu")
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def test_parse_request_reads_every_setting():
+    req = request(prompt="  Sneaker ", seeds="3, 0-1", per_step="0.5, 0.25", guided_steps=2, steps=6,
+                  renoise="same", noise="hybrid", space="eps", teacher_cfg=2, samples=3, with_teacher=True,
+                  teacher_steps=10)
+    assert req.prompt == "Sneaker" and req.seeds == (3, 0, 1)
+    assert req.strength == (0.5, 0.25) and req.guided_steps == 2 and req.steps == 6
+    assert (req.renoise, req.noise, req.space, req.teacher_cfg, req.samples) == ("same", "hybrid", "eps", 2.0, 3)
+    assert req.with_teacher and req.teacher_steps == 10
+    assert request(teacher_cfg=None).guidance_kwargs().get("teacher_cfg") is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"strength": 1.5}, "strength must be in [0, 1], got 1.5"),
+    ({"strength": float("nan")}, "strength must be in [0, 1]"),
+    ({"per_step": "0.5, 2"}, "per-step strengths must each be in [0, 1], got 2"),
+    ({"per_step": "0.5, x"}, "per-step strengths must be numbers"),
+    ({"per_step": "0.5, 0.2", "guided_steps": 3}, "3 guided steps need 3 values, got 2"),
+    ({"seeds": " "}, "seeds is empty"),
+    ({"seeds": "0, one"}, "seeds must be integers or ranges"),
+    ({"seeds": "0-40"}, "at most 16"),
+    ({"preset": "zoo-teacher"}, "not a student preset with a teacher"),
+    ({"preset": ""}, "preset is empty"),
+    ({"renoise": "later"}, "renoise must be one of"),
+    ({"guided_steps": -1}, "guided steps must be a whole number >= 0"),
+    ({"samples": 0}, "K (teacher samples) must be a whole number >= 1"),
+    ({"teacher_cfg": "high"}, "teacher CFG must be a number"),
+    ({"teacher_cfg": float("inf")}, "teacher_cfg must be a finite number"),
+])
+def test_parse_request_refuses_bad_input_with_a_readable_message(overrides, message):
+    with pytest.raises(ValueError) as err:
+        request(**overrides)
+    assert message in str(err.value)
+
+
+def test_preset_defaults_follow_the_preset():
+    from distillpp.pipelines import get_preset
+
+    d = ui.preset_defaults("zoo-lcm")
+    p = get_preset("zoo-lcm")
+    assert d["zoo"] and d["steps"] == p.num_inference_steps and d["strength"] == p.guidance.strength
+    assert d["teacher_steps"] == get_preset("zoo-teacher").num_inference_steps
+    assert ui.teacher_preset("zoo-flow-student") == "zoo-flow-teacher"
+    sd = ui.preset_defaults("sdxl-lcm")
+    assert not sd["zoo"] and sd["teacher_steps"] is None and ui.teacher_preset("sdxl-lcm") is None
+    offered = ui.guided_presets()
+    assert offered[:3] == ["zoo-flow-student", "zoo-lcm", "zoo-pd"] and "zoo-teacher" not in offered
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+
+def test_generate_pair_same_seeds_for_student_guided_and_teacher(backend):
+    seen = []
+    req = request(with_teacher=True, teacher_steps=6)
+    r = backend.generate_pair(req, progress=lambda f, text: seen.append((f, text)))
+    assert len(r.student) == len(r.guided) == len(r.teacher) == 2
+    assert all(im.size == (28, 28) for im in r.student + r.guided + r.teacher)
+    # Each image depends only on its seed: seed 1 alone, from the pipeline directly, is the same student image.
+    pipe = backend.pipeline("zoo-lcm")
+    alone = pipe(["Sneaker"], generator=[torch.Generator().manual_seed(1)], strength=0.0).images
+    np.testing.assert_array_equal(pixels(alone)[0], pixels(r.student)[1])
+    for s, g in zip(pixels(r.student), pixels(r.guided)):
+        assert np.abs(s.astype(int) - g).max() > 0  # the teacher changed every image
+    # One guided step: only the first step has a correction.
+    assert len(r.corrections) == 4 and all(c > 0 for c in r.corrections[0])
+    assert all(c == 0 for step in r.corrections[1:] for c in step)
+    fractions = [f for f, _ in seen]
+    assert len(seen) == 2 * 4 + 6 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert "teacher: step 6/6" in seen[-1][1]
+    assert "Largest correction" in ui.summary(r)
+    rows = ui.correction_rows(r)
+    assert len(rows) == 8 and rows[0] == {"step": "1", "correction": r.corrections[0][0], "seed": "seed 0"}
+
+
+def test_plotted_correction_is_the_guided_calls_own(backend):
+    # In x0 space x0 = x0_s + lam (x0_t - x0_s) with the same teacher draw, so the correction scales with lam.
+    high = backend.generate_pair(request(strength=0.75, seeds="0"))
+    low = backend.generate_pair(request(strength=0.25, seeds="0"))
+    np.testing.assert_allclose(np.array(high.corrections[0]) / np.array(low.corrections[0]), 3.0, rtol=1e-4)
+    two = backend.generate_pair(request(per_step="0.5, 0.5", guided_steps=2, seeds="0"))
+    assert all(c > 0 for c in two.corrections[0] + two.corrections[1])
+    assert all(c == 0 for c in two.corrections[2] + two.corrections[3])
+
+
+def test_strength_zero_changes_nothing(backend):
+    r = backend.generate_pair(request(strength=0.0, seeds="2"))
+    np.testing.assert_array_equal(pixels(r.student)[0], pixels(r.guided)[0])
+    assert r.corrections == [[0.0]] * 4 and r.teacher is None
+    assert "did not change anything" in ui.summary(r)
+
+
+def test_python_code_reproduces_the_images(backend):
+    req = request(seeds="1, 4", per_step="0.6, 0.3", guided_steps=2, with_teacher=True, teacher_steps=5)
+    r = backend.generate_pair(req)
+    namespace: dict = {}
+    exec(compile(ui.python_code(req), "<ui python>", "exec"), namespace)
+    for name in ("student", "guided", "teacher"):
+        for a, b in zip(pixels(namespace[name]), pixels(getattr(r, name)), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_command_line_reproduces_the_images(backend, tmp_path):
+    from distillpp.cli import main
+
+    req = request(seeds="0, 3", strength=0.5, renoise="same")
+    r = backend.generate_pair(req)
+    argv = shlex.split(ui.command_line(req, "cpu"))
+    assert argv[:2] == ["distillpp", "generate"]
+    assert main(argv[1:] + ["--out", str(tmp_path)]) == 0
+    for k, seed in enumerate(req.seeds):
+        saved = [p for p in tmp_path.glob(f"*seed{seed}*.png") if "student-vs-guided" not in p.name]
+        assert len(saved) == 1, sorted(p.name for p in tmp_path.iterdir())
+        np.testing.assert_array_equal(pixels([Image.open(saved[0])])[0], pixels(r.guided)[k])
+        pair = pixels([Image.open(next(tmp_path.glob(f"*seed{seed}*student-vs-guided.png")))])[0]
+        np.testing.assert_array_equal(pair[:, :28], pixels(r.student)[k])
+
+
+def test_missing_weights_become_a_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(MissingWeightsError) as err:
+        ui.Backend().generate_pair(request(preset="sdxl-lcm", prompt="a red fox", teacher_cfg=None))
+    text = ui._error_text(err.value)
+    assert text.startswith("**Weights missing.**") and "latent-consistency/lcm-sdxl" in text
+    assert "Unexpected" in ui._error_text(RuntimeError("boom")) and "boom" in ui._error_text(RuntimeError("boom"))
+
+
+def test_ui_listens_on_localhost_by_default():
+    parser = argparse.ArgumentParser()
+    ui.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.host, args.download, args.preset) == ("127.0.0.1", False, "zoo-lcm")
+
+
+def test_ui_without_gradio_says_how_to_install(monkeypatch, capsys):
+    from distillpp.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
+    assert main(["ui"]) == 2
+    assert "pip install 'distillpp[ui]'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- the running app
+
+
+@pytest.fixture(scope="module")
+def server(backend):
+    """The app on a free port of 127.0.0.1, in this process (saves a second torch/diffusers start-up);
+    stopped after the module's tests. No weights cache and no downloads, so diffusers presets miss weights."""
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as hf_home:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HOME", hf_home)
+        app = ui.build_app(backend)
+        url = ui.serve(app, "127.0.0.1", 0, block=False)
+        try:
+            with urllib.request.urlopen(url + "/", timeout=30) as response:
+                assert response.status == 200
+            yield url
+        finally:
+            app.close()
+
+
+def predict(client, **overrides):
+    kw = dict(preset="zoo-lcm", prompt="Sneaker", seeds="0, 1", strength=0.75, per_step="", guided_steps=1,
+              steps=4, renoise="next", noise="random", space="x0", teacher_cfg=1.5, samples=1,
+              with_teacher=False, teacher_steps=50)
+    kw.update(overrides)
+    return client.predict(*kw.values(), api_name="/generate")
+
+
+def test_gradio_client_generates_and_the_app_survives_bad_input(server):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    for overrides, message in [
+        ({"prompt": ""}, "**Error:** prompt is empty"),
+        ({"per_step": "0.5, 1.5"}, "**Error:** per-step strengths must each be in [0, 1], got 1.5"),
+        ({"prompt": "Spaceship"}, "**Error:** prompt 'Spaceship' is not a Fashion-MNIST class"),
+        ({"preset": "sdxl-lcm", "prompt": "a red fox"}, "**Weights missing.**"),
+    ]:
+        out = predict(client, **overrides)
+        assert out[0].startswith(message) and "Traceback" not in out[0], out[0]
+        assert out[1]["value"] == [] and out[5] == ""
+
+    status, student, guided, teacher, plot, cmd, code = predict(client, with_teacher=True, teacher_steps=4)
+    assert status.startswith("**zoo-lcm**") and "Largest correction" in status
+    for gallery in (student, guided, teacher):
+        assert [item["caption"] for item in gallery["value"]] == ["seed 0", "seed 1"]
+    images = {name: [np.asarray(Image.open(item["image"]).convert("L")) for item in g["value"]]
+              for name, g in (("student", student), ("guided", guided))}
+    assert images["student"][0].shape == (168, 168)  # 28 x 28 shown 6x, nearest neighbour
+    assert all(np.abs(a.astype(int) - b).max() > 0 for a, b in zip(images["student"], images["guided"]))
+    steps = {}
+    for step, correction, _ in plot["data"]:
+        steps.setdefault(step, []).append(correction)
+    assert sorted(steps) == ["1", "2", "3", "4"] and all(c > 0 for c in steps["1"])
+    assert all(c == 0 for s in "234" for c in steps[s])
+    assert cmd.startswith("distillpp generate --preset zoo-lcm --prompt Sneaker --seeds 0 1")
+    assert "from_preset('zoo-lcm'" in code and "from_preset('zoo-teacher'" in code
+
+
+def test_browser_runs_a_zoo_preset(server, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium): the real-browser test needs it")
+    from playwright.sync_api import expect, sync_playwright
+
+    docs = os.environ.get("DISTILLPP_UI_SCREENSHOT")
+    shot = Path(docs) if docs else tmp_path / "ui.png"
+    n_seeds, teacher_steps = (4, 50) if docs else (2, 5)
+    outside: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else outside.append(r.url))
+            page.goto(server + "/")
+            seeds = page.locator("#seeds textarea, #seeds input").first
+            # A bad input shows a message in the page; the app then still samples.
+            seeds.fill("")
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("seeds is empty", timeout=30_000)
+            seeds.fill(", ".join(str(s) for s in range(n_seeds)))
+            page.locator("#teacher-steps input").fill(str(teacher_steps))
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("Largest correction", timeout=120_000)
+            for gallery in ("#student", "#guided", "#teacher"):
+                expect(page.locator(f"{gallery} img")).to_have_count(n_seeds)
+            expect(page.locator("#plot .mark-line path")).to_have_count(n_seeds)  # one line per seed
+            assert page.locator("#cmd textarea").input_value().startswith("distillpp generate --preset zoo-lcm")
+            page.wait_for_timeout(500)  # let the plot's transition finish before the picture
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert not outside, f"the page fetched from outside 127.0.0.1: {outside}"
+    assert Image.open(shot).size[0] == 1400
