@@ -100,7 +100,12 @@ def parse_floats(text: str, name: str) -> tuple[float, ...] | None:
 
 
 def parse_ints(text: str, name: str) -> tuple[int, ...] | None:
-    """A comma/space separated list of integers (e.g. DMD2 timesteps); ``None`` when empty."""
+    """A comma/space separated list of integers (e.g. DMD2 timesteps); ``None`` when empty.
+
+    Args:
+        text: e.g. ``"999, 749, 499, 249"``.
+        name: the input's name, for the error message.
+    """
     values = parse_floats(text, name)
     if values is None:
         return None
@@ -147,6 +152,10 @@ def sigmas_to_ve(sigmas: torch.Tensor, kind: str) -> torch.Tensor:
 
     Float32 flow times are converted in float64 and returned in float32, so ``s = 0.25`` gives
     exactly ``flow_time_to_sigma``'s value, as the library's own flow grids do.
+
+    Args:
+        sigmas: a ComfyUI ``SIGMAS`` tensor.
+        kind: ``"ve"`` or ``"flow"``.
     """
     if _check_kind(kind) == "ve":
         return sigmas
@@ -162,14 +171,26 @@ def _flow_scale(sigma_ve: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def x_to_ve(x: torch.Tensor, sigma_ve: torch.Tensor, kind: str) -> torch.Tensor:
-    """A ComfyUI sample at VE level ``sigma_ve`` in VE coordinates (flow: ``x / (1 - s) = x (1 + sigma)``)."""
+    """A ComfyUI sample at VE level ``sigma_ve`` in VE coordinates (flow: ``x / (1 - s) = x (1 + sigma)``).
+
+    Args:
+        x: ``[batch, ...]`` sample in ComfyUI's coordinates.
+        sigma_ve: ``[batch]`` VE sigmas of the sample.
+        kind: ``"ve"`` (returned unchanged) or ``"flow"``.
+    """
     if _check_kind(kind) == "ve":
         return x
     return x.float() * _flow_scale(sigma_ve, x.ndim)
 
 
 def x_from_ve(x: torch.Tensor, sigma_ve: torch.Tensor, kind: str) -> torch.Tensor:
-    """Inverse of :func:`x_to_ve`."""
+    """Inverse of :func:`x_to_ve`.
+
+    Args:
+        x: ``[batch, ...]`` sample in VE coordinates.
+        sigma_ve: ``[batch]`` VE sigmas of the sample.
+        kind: ``"ve"`` or ``"flow"``.
+    """
     if _check_kind(kind) == "ve":
         return x
     return x.float() / _flow_scale(sigma_ve, x.ndim)
@@ -216,6 +237,10 @@ def schedule_from_comfy(
     ``linear_start``, ``linear_end`` and ``zsnr`` but not the schedule's name, so ``model_sigmas``
     (its table, when it has one entry per timestep) is compared against ours and a cosine or custom
     table is refused instead of silently getting another model's grid.
+
+    Args:
+        num_timesteps, linear_start, linear_end, zsnr: the ``ModelSamplingDiscrete``'s attributes.
+        model_sigmas: its ``sigmas`` table, or ``None`` to skip the comparison.
 
     Raises:
         ValueError: zero-terminal-SNR models (infinite sigma_max) or a table that is not scaled-linear.
@@ -277,6 +302,11 @@ def check_flow_fusion(guidance: TeacherGuidance | None, sigmas: torch.Tensor, ki
     eps-space fusion sets ``x0 = x0_s - sigma * lam * (eps_t - d)``; at flow time 1 (VE sigma 1e8) any
     teacher-student difference in eps is multiplied by 1e8 and the sample is destroyed. The x0 space
     (the paper's) has no such factor.
+
+    Args:
+        guidance: the knobs (``None``: nothing to check).
+        sigmas: the run's sigmas in ComfyUI's coordinates.
+        kind: the student's coordinates.
     """
     if guidance is None or guidance.space != "eps" or guidance.guided_steps == 0 or _check_kind(kind) != "flow":
         return
@@ -286,7 +316,12 @@ def check_flow_fusion(guidance: TeacherGuidance | None, sigmas: torch.Tensor, ki
 
 
 def step_index(sigma: float, sigmas: Sequence[float]) -> int | None:
-    """Index ``i`` with ``sigmas[i] == sigma`` (relative 1e-5, for a sigma rounded to the sample's dtype)."""
+    """Index ``i`` with ``sigmas[i] == sigma`` (relative 1e-5, for a sigma rounded to the sample's dtype).
+
+    Args:
+        sigma: the model call's sigma.
+        sigmas: the run's grid (its final 0 is never a step).
+    """
     for i, s in enumerate(sigmas[:-1]):
         if math.isclose(sigma, s, rel_tol=1e-5, abs_tol=0.0):
             return i

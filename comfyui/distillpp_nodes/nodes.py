@@ -32,7 +32,11 @@ CATEGORY = "sampling/custom_sampling/distillpp"
 
 
 def model_kind(model_sampling: Any) -> str:
-    """``"ve"`` for ComfyUI's EPS family (eps, v, x0, LCM), ``"flow"`` for CONST (FLUX, SD3), else ValueError."""
+    """``"ve"`` for ComfyUI's EPS family (eps, v, x0, LCM), ``"flow"`` for CONST (FLUX, SD3), else ValueError.
+
+    Args:
+        model_sampling: a model's ``model_sampling`` object.
+    """
     if isinstance(model_sampling, comfy.model_sampling.CONST):
         return "flow"
     if isinstance(model_sampling, comfy.model_sampling.EPS):
@@ -88,7 +92,12 @@ class TeacherGuider(comfy.samplers.CFGGuider):
 
     def set_conds(self, positive: Any, negative: Any, teacher_positive: Any = None,
                   teacher_negative: Any = None) -> None:
-        """Student conditioning; the teacher's defaults to it (FLUX-dev wants its own guidance value)."""
+        """Student conditioning; the teacher's defaults to it (FLUX-dev wants its own guidance value).
+
+        Args:
+            positive, negative: the student's ``CONDITIONING``.
+            teacher_positive, teacher_negative: the teacher's, or ``None`` for the student's.
+        """
         self.inner_set_conds({"positive": positive, "negative": negative})
         teacher = {"positive": positive if teacher_positive is None else teacher_positive,
                    "negative": negative if teacher_negative is None else teacher_negative}
@@ -133,7 +142,11 @@ class TeacherGuider(comfy.samplers.CFGGuider):
         return x0
 
     def student_denoiser(self, model_options: dict, seed: Any) -> core.VEDenoiser:
-        """The student's CFG x0 (no teacher) as a VE denoiser."""
+        """The student's CFG x0 (no teacher) as a VE denoiser.
+
+        Args:
+            model_options, seed: the sampler's ``extra_args`` entries.
+        """
         def fn(x, sigma):
             return comfy.samplers.CFGGuider.__call__(self, x, sigma, model_options=model_options, seed=seed)
         model_sampling = self.inner_model.model_sampling
@@ -243,7 +256,11 @@ class DistillppSamplerObject(comfy.samplers.Sampler):
 
 
 def comfy_schedule(model_sampling: Any) -> Any:
-    """The library's noise table of a discrete eps/v model's ``ModelSamplingDiscrete``, else ValueError."""
+    """The library's noise table of a discrete eps/v model's ``ModelSamplingDiscrete``, else ValueError.
+
+    Args:
+        model_sampling: a model's ``model_sampling`` object.
+    """
     if model_kind(model_sampling) != "ve" or not hasattr(model_sampling, "linear_start"):
         raise ValueError(f"model: this preset needs a discrete eps/v model (SD1.x/SD2/SDXL), got "
                          f"{type(model_sampling).__name__}")
@@ -253,7 +270,11 @@ def comfy_schedule(model_sampling: Any) -> Any:
 
 
 def declared_schedule(model_sampling: Any) -> Any:
-    """:func:`comfy_schedule`, or ``None`` for models without a discrete scaled-linear table (flow, EDM)."""
+    """:func:`comfy_schedule`, or ``None`` for models without a discrete scaled-linear table (flow, EDM).
+
+    Args:
+        model_sampling: a model's ``model_sampling`` object.
+    """
     try:
         return comfy_schedule(model_sampling)
     except ValueError:
