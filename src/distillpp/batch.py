@@ -701,7 +701,9 @@ def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, ro
     import torch
 
     dist = _Dist.from_env()
-    device = args.device or (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and dist.world > 1:
+        device = f"cuda:{dist.local_rank}"  # one GPU per torchrun process
     pipe = load_pipeline(preset, device, overrides)
     guidance = resolve_guidance(pipe, {k: getattr(args, k) for k in KNOBS})
     description = _run_description(pipe, args, rows, guidance, overrides)
@@ -799,7 +801,10 @@ def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, rows
         if todo:
             ds = ray.data.from_items([{"item": json.dumps(dataclasses.asdict(it))} for it in todo])
             out = ds.map_batches(
-                _RayGenerator, batch_size=args.batch_size, num_gpus=per_replica, concurrency=replicas,
+                # A fixed pool of ``replicas`` actors. ``compute=`` works from Ray 2.9 on; ``concurrency=``
+                # (2.9-2.50) is deprecated since 2.51.
+                _RayGenerator, batch_size=args.batch_size, num_gpus=per_replica,
+                compute=ray.data.ActorPoolStrategy(size=replicas),
                 fn_constructor_kwargs={"preset": preset, "overrides": overrides,
                                        "guidance": _guidance_dict(guidance), "steps": args.steps},
             )
