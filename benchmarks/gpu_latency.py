@@ -63,7 +63,8 @@ def unet_config(tiny: bool) -> dict[str, Any]:
     if tiny:
         return dict(
             sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=8, cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=1,
         )
@@ -538,12 +539,14 @@ def sdxl_section(report: Report, args: argparse.Namespace, device: torch.device,
     vae = build(AutoencoderKL, str(device), dtype, 0, **vae_config(tiny))
     n_params = sum(p.numel() for p in student_unet.parameters())
     report.put(section, "model", {"unet_params_billion": round(n_params / 1e9, 3), "image": f"{side}x{side}",
-                                  "dtype": str(dtype).replace("torch.", ""), "build_s": round(time.perf_counter() - t0, 1)})
+                                  "dtype": str(dtype).replace("torch.", ""),
+                                  "build_s": round(time.perf_counter() - t0, 1)})
     print(f"SDXL-size UNet {n_params / 1e9:.2f}B x2 built in {time.perf_counter() - t0:.1f} s", flush=True)
 
     latent = side // 8
     ctx_dim = student_unet.config.cross_attention_dim
-    pooled_dim = student_unet.config.projection_class_embeddings_input_dim - 6 * student_unet.config.addition_time_embed_dim
+    config = student_unet.config
+    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     gen = torch.Generator(device).manual_seed(0)
     max_b = max(args.batches + [2 * b for b in args.sample_batches])
     embeds = torch.randn(max_b, 77, ctx_dim, generator=gen, device=device, dtype=dtype)
@@ -664,8 +667,8 @@ def sdxl_sampling(report: Report, args: argparse.Namespace, device: torch.device
     def vae_decode():
         z = torch.randn(1, 4, latent, latent, generator=gen, device=device, dtype=dtype)
         with torch.no_grad():
-            return time_it(lambda: vae.decode(z / vae.config.scaling_factor, return_dict=False)[0], max(5, args.runs // 4),
-                           1, device)
+            return time_it(lambda: vae.decode(z / vae.config.scaling_factor, return_dict=False)[0],
+                           max(5, args.runs // 4), 1, device)
 
     guarded(report, section, "vae decode b1 (eager)", vae_decode)
 
@@ -825,9 +828,10 @@ def flux_section(report: Report, args: argparse.Namespace, device: torch.device,
     text_tokens = 16 if args.tiny else 512
     report.put(section, "model", {"params_billion": round(n_params / 1e9, 3), "config": cfg, "image": f"{side}x{side}",
                                   "image_tokens": tokens, "text_tokens": text_tokens,
-                                  "dtype": str(dtype).replace("torch.", ""), "build_s": round(time.perf_counter() - t0, 1),
-                                  "note": "one transformer (with FLUX.1-dev's guidance embedding) serves as both student "
-                                          "and teacher: timing does not depend on the weights"})
+                                  "dtype": str(dtype).replace("torch.", ""),
+                                  "build_s": round(time.perf_counter() - t0, 1),
+                                  "note": "one transformer (with FLUX.1-dev's guidance embedding) serves as both "
+                                          "student and teacher: timing does not depend on the weights"})
     print(f"FLUX-size transformer {n_params / 1e9:.2f}B built in {time.perf_counter() - t0:.1f} s", flush=True)
     gen = torch.Generator(device).manual_seed(0)
     channels = cfg["in_channels"]
@@ -919,9 +923,9 @@ def zoo_section(report: Report, args: argparse.Namespace, device: torch.device) 
     res[f"eager guided 4+1 b{batch}"] = time_it(lambda: run(False), args.runs, args.warmup, device)
     res[f"fast guided 4+1 b{batch}"] = time_it(lambda: run(True), args.runs, args.warmup, device)
     res["captures"] = [{"net": r.name, "shape": r.signature, "s": round(r.seconds, 3)} for r in acc.records]
-    print(f"  zoo lcm+teacher b{batch}: eager {res[f'eager guided 4+1 b{batch}']['median_ms']:.2f} ms, fast "
-          f"{res[f'fast guided 4+1 b{batch}']['median_ms']:.2f} ms, max rel diff {res['lcm guided 4+1 (latents)']['max_rel']:.2e}",
-          flush=True)
+    eager_ms, fast_ms = res[f"eager guided 4+1 b{batch}"]["median_ms"], res[f"fast guided 4+1 b{batch}"]["median_ms"]
+    print(f"  zoo lcm+teacher b{batch}: eager {eager_ms:.2f} ms, fast {fast_ms:.2f} ms, max rel diff "
+          f"{res['lcm guided 4+1 (latents)']['max_rel']:.2e}", flush=True)
     report.put(section, "lcm + teacher", res)
 
 
@@ -944,9 +948,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"- command: `{r['command']}`",
         f"- bf16 matmul (8192^3) measured: {r['measured_bf16_tflops']} TFLOP/s; datasheet dense bf16: "
         f"{r['datasheet_bf16_tflops']} TFLOP/s",
-        f"- CUDA events; median [min-max] of {r['runs']} runs after {r['warmup']} warm-up; spread = (max - min) / median;"
-        " sampling only (prompt embeddings precomputed, latents out; VAE decode listed separately); Euler, 4 + 1 guided ="
-        " 4 student steps with the first guided by one teacher forward (SDXL: CFG 7.5 as one batch-2B forward)",
+        f"- CUDA events; median [min-max] of {r['runs']} runs after {r['warmup']} warm-up; spread = (max - min) / "
+        "median; sampling only (prompt embeddings precomputed, latents out; VAE decode listed separately) unless a "
+        "row says 'with encoding'; Euler, 4 + 1 guided = 4 student steps with the first guided by one teacher "
+        "forward (SDXL: CFG 7.5 as one batch-2B forward)",
         "",
     ]
     for name, sec in r["sections"].items():
@@ -966,7 +971,8 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append("")
         samp = [(k, v) for k, v in sec.items() if k.startswith(("eager ", "fast ", "diffusers "))]
         if samp:
-            lines += ["| sampling | ms, median [min-max] | spread % | IQR % | x graph floor | first call s | peak GiB |",
+            lines += ["| sampling | ms, median [min-max] | spread % | IQR % | x graph floor | first call s "
+                      "| peak GiB |",
                       "|---|---|---|---|---|---|---|"]
             for k, v in samp:
                 if not isinstance(v, dict) or "median_ms" not in v:

@@ -39,6 +39,7 @@ import torch
 
 from distillpp.pipelines.cli import add_arguments, call_kwargs
 from distillpp.pipelines.sd import DistillppPipeline
+from gpu_latency import build, unet_config, vae_config  # the SDXL configs, shared with the fast-path benchmark
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
@@ -48,37 +49,6 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 # --------------------------------------------------------------------------------------------
 # Random-weight SDXL components.
 # --------------------------------------------------------------------------------------------
-
-
-def unet_config(tiny: bool) -> dict[str, Any]:
-    if tiny:
-        return dict(
-            sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=8, cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=1,
-        )
-    # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-    return dict(
-        sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        addition_embed_type_num_heads=64, projection_class_embeddings_input_dim=2816, norm_num_groups=32,
-        act_fn="silu", flip_sin_to_cos=True, freq_shift=0, center_input_sample=False,
-    )
-
-
-def vae_config(tiny: bool) -> dict[str, Any]:
-    if tiny:
-        return dict(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-                    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                    norm_num_groups=8, layers_per_block=1, scaling_factor=0.13025, force_upcast=False)
-    # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json, decoded in fp16 (as with the fp16-fix VAE)
-    return dict(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
-                sample_size=1024, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                layers_per_block=2, norm_num_groups=32, act_fn="silu", scaling_factor=0.13025, force_upcast=False)
 
 
 def text_configs(tiny: bool) -> tuple[Any, Any]:
@@ -119,17 +89,6 @@ def write_tokenizer(folder: str) -> str:
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"model_max_length": 77}, f)
     return folder
-
-
-def build(module_cls: Any, device: str, dtype: torch.dtype, seed: int, *args: Any, **kwargs: Any) -> Any:
-    """Instantiate with random init directly on ``device`` (fast for 2.6B parameters), then cast."""
-    torch.manual_seed(seed)
-    try:
-        with torch.device(device):
-            m = module_cls(*args, **kwargs)
-    except Exception:  # a constructor that does not honour the device context
-        m = module_cls(*args, **kwargs)
-    return m.to(device=device, dtype=dtype).eval()
 
 
 def make_components(tiny: bool, device: str, dtype: torch.dtype, workdir: str) -> tuple[dict[str, Any], Any]:

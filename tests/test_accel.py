@@ -49,6 +49,17 @@ def graphed(net, capture=None):
     return GraphedNet(net, "cpu", capture=capture or FakeCapture())
 
 
+def linear_net(features):
+    """A network over one ``nn.Linear``, with ``.model`` set as :func:`distillpp.unet_fn` does."""
+    lin = torch.nn.Linear(features, features)
+
+    def net(sample, timestep):
+        return lin(sample)
+
+    net.model = lin
+    return net, lin
+
+
 def test_compile_mode_is_checked_and_names_the_argument():
     assert check_compile(None) == "none"
     for mode in ("none", "graphs", "inductor"):
@@ -72,11 +83,25 @@ def test_graphs_on_cpu_fall_back_to_eager_with_a_one_line_warning():
     def net(sample, timestep):
         return sample
 
-    with pytest.warns(RuntimeWarning, match="compile='graphs' needs a CUDA device") as record:
-        acc = Accelerator("graphs", "cpu")
-    assert len(record) == 1 and "\n" not in str(record[0].message)
+    acc = Accelerator("graphs", "cpu")
     assert acc.effective_mode == "none"
-    assert acc.wrap(net, "student") is net
+    with pytest.warns(RuntimeWarning, match="compile='graphs' needs a CUDA device; running eagerly on cpu") as record:
+        assert acc.wrap(net, "student") is net
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+
+
+def test_pipeline_with_compile_graphs_on_cpu_warns_and_equals_eager():
+    from distillpp.pipelines import from_preset
+
+    eager = from_preset("zoo-lcm", device="cpu")
+    with pytest.warns(RuntimeWarning, match="needs a CUDA device"):
+        fast = from_preset("zoo-lcm", device="cpu", compile="graphs")
+    kwargs = dict(output_type="pt", num_inference_steps=2, strength=0.2, guided_steps=1)
+    a = eager(["Sneaker", "Bag"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = fast(["Sneaker", "Bag"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="compile"):
+        from_preset("zoo-lcm", device="cpu", compile="cuda-graphs")
 
 
 def test_one_capture_per_signature_and_replays_see_new_values():
@@ -131,12 +156,7 @@ def test_autograd_calls_run_eagerly_and_frozen_inference_is_replayed():
         g(torch.randn(1, 2), torch.ones(1))
     assert capture.count == 0 and g.eager_calls == 1
 
-    lin = torch.nn.Linear(2, 2)
-
-    def net(sample, timestep):
-        return lin(sample)
-
-    net.model = lin
+    net, lin = linear_net(2)
     capture = FakeCapture()
     g = graphed(net, capture)
     with torch.enable_grad():
@@ -169,12 +189,7 @@ def test_failed_capture_warns_once_and_runs_eagerly():
 
 
 def test_moved_weights_drop_the_stale_graphs():
-    lin = torch.nn.Linear(3, 3)
-
-    def net(sample, timestep):
-        return lin(sample)
-
-    net.model = lin
+    net, lin = linear_net(3)
     capture = FakeCapture()
     g = graphed(net, capture)
     x = torch.randn(2, 3)
@@ -258,11 +273,7 @@ def test_accelerator_reuses_wrappers_and_keeps_offloaded_teachers_eager(monkeypa
 
     _, OffloadedNet, PlacedNet = _wrapper_classes()
 
-    lin = torch.nn.Linear(2, 2)
-
-    def net(sample, timestep):
-        return lin(sample)
-
+    net, _ = linear_net(2)
     acc = Accelerator("inductor", "cpu")  # wrapping compiles nothing yet
     wrapped = acc.wrap(net, "student")
     assert isinstance(wrapped, CompiledNet) and acc.wrap(net) is wrapped
@@ -276,11 +287,7 @@ def test_accelerator_reuses_wrappers_and_keeps_offloaded_teachers_eager(monkeypa
 def test_accelerate_net_takes_the_module_device_and_shares_one_pool_per_device():
     from distillpp.accel import shared_accelerator
 
-    lin = torch.nn.Linear(2, 2)
-
-    def net(sample, timestep):
-        return lin(sample)
-
+    net, lin = linear_net(2)
     assert accelerate_net(net, "none", module=lin) is net
     with pytest.warns(RuntimeWarning, match="needs a CUDA device"):
         assert accelerate_net(net, "graphs", module=lin) is net  # the module is on the CPU

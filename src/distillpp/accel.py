@@ -4,7 +4,7 @@ Eager PyTorch launches every kernel of a UNet or transformer forward from Python
 large GPU the card then idles most of each forward, waiting for the CPU. A CUDA graph records the
 kernels of one forward once and replays them with a single launch. What is wrapped here is a
 *network* ``net(sample, timestep, **cond) -> out`` (what :func:`distillpp.unet_fn` returns, the
-flow-transformer adapters, :class:`~distillpp.pipelines.base.AdapterOffNet`), never a denoiser or a
+flow-transformer adapters, :class:`~distillpp.pipelines.lora.AdapterOffNet`), never a denoiser or a
 sampler, so the denoiser arithmetic, the solver and the teacher guidance stay ordinary eager code
 and every sampler works unchanged.
 
@@ -27,7 +27,7 @@ Modes (the ``compile=`` option of the pipelines and ``--compile`` of the CLI):
 A captured graph replays the kernels, and reads the weights at the addresses, of the moment of
 capture. So: a LoRA model's adapter state is part of the signature (the adapter-off teacher of a
 LoRA student is its own graph); a network whose weights are swapped in per call
-(:class:`~distillpp.pipelines.base.OffloadedNet`) is never graphed; moving or reloading weights
+(:class:`~distillpp.pipelines.placement.OffloadedNet`) is never graphed; moving or reloading weights
 after capture is detected through the first parameter's address and drops the stale graphs.
 :meth:`Accelerator.reset` drops them by hand (e.g. after changing adapter scales).
 """
@@ -154,11 +154,9 @@ def _tuner_layers(module: torch.nn.Module | None) -> list[torch.nn.Module]:
 
 def _wrapper_classes() -> tuple[type, type, type]:
     """``(AdapterOffNet, OffloadedNet, PlacedNet)`` from the pipelines package (imported late: it imports diffusers)."""
-    try:
-        from .pipelines.lora import AdapterOffNet
-        from .pipelines.placement import OffloadedNet, PlacedNet
-    except ImportError:  # before the pipelines were split into lora/placement modules
-        from .pipelines.base import AdapterOffNet, OffloadedNet, PlacedNet  # type: ignore[no-redef]
+    from .pipelines.lora import AdapterOffNet
+    from .pipelines.placement import OffloadedNet, PlacedNet
+
     return AdapterOffNet, OffloadedNet, PlacedNet
 
 
@@ -494,11 +492,8 @@ class Accelerator:
         self.device = torch.device(self.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.effective_mode = self.mode
-        if self.mode == "graphs" and self.device.type != "cuda":
-            warnings.warn(f"compile='graphs' needs a CUDA device; running eagerly on {self.device}", RuntimeWarning,
-                          stacklevel=3)
-            self.effective_mode = "none"
+        # Graphs need CUDA: elsewhere every wrapped network runs eagerly (wrap() says so).
+        self.effective_mode = "none" if self.mode == "graphs" and self.device.type != "cuda" else self.mode
         if self.mode == "inductor":
             cache = _default_inductor_cache()
             logger.warning("distillpp: compile='inductor' compiles each network on its first call per shape (minutes "
@@ -517,8 +512,8 @@ class Accelerator:
     def wrap(self, net: Net, name: str | None = None) -> Net:
         """The accelerated version of ``net(sample, timestep, **cond)`` (``net`` itself for mode ``"none"``).
 
-        A teacher placed on another GPU (:class:`~distillpp.pipelines.base.PlacedNet`) is graphed on
-        its own device; a CPU-offloaded one (:class:`~distillpp.pipelines.base.OffloadedNet`) stays
+        A teacher placed on another GPU (:class:`~distillpp.pipelines.placement.PlacedNet`) is graphed on
+        its own device; a CPU-offloaded one (:class:`~distillpp.pipelines.placement.OffloadedNet`) stays
         eager, with a notice, because its weights move in per call.
 
         Args:
@@ -526,6 +521,9 @@ class Accelerator:
             name: name for notices and :attr:`records` (default: its class name).
         """
         if self.effective_mode == "none":
+            if self.mode == "graphs":
+                warnings.warn(f"compile='graphs' needs a CUDA device; running eagerly on {self.device}",
+                              RuntimeWarning, stacklevel=2)
             return net
         hit = self._wrapped.get(id(net))
         if hit is not None and hit[0] is net:
