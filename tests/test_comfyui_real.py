@@ -238,7 +238,8 @@ def test_flux_schnell_student_flux_dev_teacher_equals_library(cf):
     teacher_pos = [[ctx, {"pooled_output": pooled, "guidance": 2.0}]]  # what FluxGuidance 2.0 produces
     sigmas = preset(cf, student, "flux-schnell")
     guider = teacher_guider(cf, student, teacher, positive=pos, negative=neg, teacher_positive=teacher_pos,
-                            teacher_cfg=1.0, strength=0.5, guided_steps=2)
+                            teacher_cfg=1.0, strength_list="0.5, 0.2", guided_steps=2)
+    assert guider.guidance.strength == (0.5, 0.2)
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
     with torch.inference_mode():
         out, _ = cf.ncs.SamplerCustomAdvanced().sample(cf.ncs.Noise_RandomNoise(SEED), guider,
