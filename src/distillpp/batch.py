@@ -280,7 +280,11 @@ class BatchFolder:
                 raise BatchFolderError(f"{where}: {CONFIG_NAME} is not a {FORMAT} config; use a new --out folder")
             a, b = _flatten(old), _flatten(config)
             diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-            if diff:
+            if diff and not self._started():
+                # Nothing made yet (e.g. the last attempt stopped at a bad prompt): the folder holds
+                # no images to protect, so the corrected command may take it over.
+                resuming = False
+            elif diff:
                 shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:3])
                 more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
                 raise BatchFolderError(
@@ -296,6 +300,11 @@ class BatchFolder:
         if not resuming:
             _write_atomic(self.config_path, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
         return resuming
+
+    def _started(self) -> bool:
+        parts = self.path / PARTS_DIR
+        journals = parts.glob("part-*.jsonl") if parts.is_dir() else []
+        return any(self.path.glob("*.png")) or any(p.stat().st_size > 0 for p in journals)
 
     def records(self) -> dict[tuple[int, int], dict]:
         """Finished images by ``(row, image)``, from every journal.
