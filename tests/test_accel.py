@@ -269,18 +269,26 @@ def test_guided_sampling_through_graphed_nets_equals_eager():
 
 def test_accelerator_reuses_wrappers_and_keeps_offloaded_teachers_eager(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    from distillpp.accel import CompiledNet, _wrapper_classes
+    from distillpp.accel import _wrapper_classes
 
-    _, OffloadedNet, PlacedNet = _wrapper_classes()
-
+    AdapterOffNet, OffloadedNet, PlacedNet = _wrapper_classes()
     net, _ = linear_net(2)
-    acc = Accelerator("inductor", "cpu")  # wrapping compiles nothing yet
+
+    def compiled_from(wrapped):
+        return getattr(wrapped, "_torchdynamo_orig_callable", None)
+
+    acc = Accelerator("inductor", "cpu")  # off CUDA: compiled, no graphs; wrapping compiles nothing yet
     wrapped = acc.wrap(net, "student")
-    assert isinstance(wrapped, CompiledNet) and acc.wrap(net) is wrapped
+    assert compiled_from(wrapped) is net and acc.wrap(net) is wrapped
     offloaded = OffloadedNet(net, torch.nn.Linear(2, 2), "cpu", pin_memory=False)
     assert acc.wrap(offloaded, "teacher") is offloaded
     placed = acc.wrap(PlacedNet(net, "cpu"), "teacher")
-    assert isinstance(placed, PlacedNet) and isinstance(placed.net, CompiledNet)
+    assert isinstance(placed, PlacedNet) and compiled_from(placed.net) is net
+    peft = pytest.importorskip("peft")
+    model = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["0"]),
+                                         torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    off = acc.wrap(AdapterOffNet(lambda sample, timestep: model(sample), model), "teacher")
+    assert isinstance(off, AdapterOffNet) and compiled_from(off.net) is not None  # the inner call is compiled
     assert acc.first_call_s == 0.0
 
 

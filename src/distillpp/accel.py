@@ -18,11 +18,14 @@ Modes (the ``compile=`` option of the pipelines and ``--compile`` of the CLI):
   :class:`Accelerator` share one memory pool per device: student and teacher forwards run one
   after the other on one stream, so their intermediates can reuse the same memory. On a device
   that is not CUDA it falls back to eager with a one-line warning.
-- ``"inductor"``: ``torch.compile(net, mode="reduce-overhead")`` (inductor kernels replayed from
-  CUDA graphs by PyTorch's cudagraph trees). The first call per shape compiles for minutes on an
-  SDXL-size UNet; a one-line notice says so. Compiled artifacts are cached across runs by
+- ``"inductor"``: the network compiled by ``torch.compile`` (inductor's fused kernels, static
+  shapes), then captured and replayed exactly like ``"graphs"`` (same signatures, pool, LoRA
+  handling and copy-out). This is ``mode="reduce-overhead"``'s idea with our own graphs, so both
+  modes share one replay mechanism. The first call per shape compiles for minutes on an SDXL-size
+  UNet (144 s on an H200); a one-line notice says so. Compiled artifacts are cached across runs by
   inductor's FX-graph and AOTAutograd caches, in ``TORCHINDUCTOR_CACHE_DIR`` (set here to
-  ``~/.cache/distillpp/torchinductor`` when unset, so the cache outlives ``/tmp``).
+  ``~/.cache/distillpp/torchinductor`` when unset, so the cache outlives ``/tmp``). Off CUDA the
+  compiled network runs without graphs.
 
 A captured graph replays the kernels, and reads the weights at the addresses, of the moment of
 capture. So: a LoRA model's adapter state is part of the signature (the adapter-off teacher of a
@@ -43,7 +46,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["COMPILE_MODES", "check_compile", "Accelerator", "GraphedNet", "CompiledNet", "accelerate_net",
+__all__ = ["COMPILE_MODES", "check_compile", "Accelerator", "GraphedNet", "accelerate_net",
            "CaptureRecord", "shared_accelerator"]
 
 COMPILE_MODES = ("none", "graphs", "inductor")
@@ -265,6 +268,9 @@ class GraphedNet:
         max_graphs: most signatures captured; later new ones run eagerly (with one warning).
         records: list that capture records are appended to (shared by an :class:`Accelerator`).
         capture: the capture function (default :func:`cuda_capture`; tests pass a CPU stand-in).
+        like: the network whose module and adapter state key the graphs, when ``net`` wraps it (a
+            ``torch.compile``-d network); default ``net``.
+        kind: ``"graph"`` or ``"inductor"``, for :attr:`records`.
     """
 
     def __init__(
@@ -277,6 +283,8 @@ class GraphedNet:
         max_graphs: int = 16,
         records: list[CaptureRecord] | None = None,
         capture: Callable[..., tuple[Callable[[], None], Any]] = cuda_capture,
+        like: Net | None = None,
+        kind: str = "graph",
     ):
         self.net = net
         self.device = torch.device(device)
@@ -286,7 +294,8 @@ class GraphedNet:
         self.max_graphs = max_graphs
         self.records = records if records is not None else []
         self._capture_fn = capture
-        self._state = _NetState(net)
+        self.kind = kind
+        self._state = _NetState(net if like is None else like)
         self._weights = self._state.weights_token()
         self._trainable = self._state.trainable()
         self._graphs: dict[tuple, _Graph] = {}
@@ -347,7 +356,7 @@ class GraphedNet:
         out = _map_tensors(graph.outputs, torch.Tensor.clone)
         if started is not None:
             seconds = self._sync_clock() - started
-            self.records.append(CaptureRecord(self.name, _describe(spec), seconds, "graph"))
+            self.records.append(CaptureRecord(self.name, _describe(spec), seconds, self.kind))
             logger.info("distillpp.accel: captured a CUDA graph of %s for %s in %.2f s", self.name, _describe(spec),
                         seconds)
         return out
@@ -383,7 +392,7 @@ class GraphedNet:
 
 
 # --------------------------------------------------------------------------------------------
-# torch.compile(mode="reduce-overhead").
+# Inductor: compiled kernels under the same graphs.
 # --------------------------------------------------------------------------------------------
 
 
@@ -394,62 +403,6 @@ def _default_inductor_cache() -> str:
     folder = os.path.join(os.path.expanduser("~"), ".cache", "distillpp", "torchinductor")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # read lazily by inductor at its first compile
     return folder
-
-
-class CompiledNet:
-    """``torch.compile(net, mode="reduce-overhead")`` with outputs copied out and first-call cost recorded.
-
-    Args:
-        net: the network callable (for an adapter-off teacher, the *inner* network: the adapters are
-            switched off around the compiled call, and dynamo's guards on the adapter flags give that
-            state its own compiled graph).
-        device: where it runs.
-        name: name used in :attr:`records`.
-        records: list capture records are appended to.
-        around: a context-manager factory entered around each call (``AdapterOffNet.adapters_off``).
-    """
-
-    def __init__(self, net: Net, device: torch.device | str, name: str = "net",
-                 records: list[CaptureRecord] | None = None, around: Callable[[], Any] | None = None):
-        self.net = net
-        self.device = torch.device(device)
-        self.name = name
-        self.records = records if records is not None else []
-        self.compiled = torch.compile(net, mode="reduce-overhead", dynamic=False)
-        self.around = around
-        self._seen: set[tuple] = set()
-        self._state = _NetState(net)
-
-    @property
-    def model(self) -> torch.nn.Module | None:
-        return self._state.module
-
-    def __call__(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> Any:
-        tensors: list[torch.Tensor] = []
-        key = (self.around is not None, self._state.key(), _flatten(((sample, timestep), cond), tensors))
-        first = key not in self._seen
-        cuda = self.device.type == "cuda"
-        if first and cuda:
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        if cuda:
-            # Each call is a new step for cudagraph trees: earlier outputs were copied out, so the
-            # graph's output memory may be reused.
-            torch.compiler.cudagraph_mark_step_begin()
-        if self.around is not None:
-            with self.around():
-                out = self.compiled(sample, timestep, **cond)
-        else:
-            out = self.compiled(sample, timestep, **cond)
-        out = _map_tensors(out, torch.Tensor.clone)
-        if first:
-            if cuda:
-                torch.cuda.synchronize(self.device)
-            self._seen.add(key)
-            seconds = time.perf_counter() - t0
-            self.records.append(CaptureRecord(self.name, _describe(key[2]), seconds, "inductor"))
-            logger.info("distillpp.accel: compiled %s for %s in %.1f s", self.name, _describe(key[2]), seconds)
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,15 +502,20 @@ class Accelerator:
         return self._wrap_on(net, name, self.device, net if isinstance(net, AdapterOffNet) else None)
 
     def _wrap_on(self, net: Net, name: str, device: torch.device, adapter_off: Any) -> Net:
-        if self.effective_mode == "graphs":
-            graphed = GraphedNet(net, device, self.pool(device), name, self.warmup, self.max_graphs, self.records)
-            self._graphed.append(graphed)
-            return graphed
-        if adapter_off is not None:
-            # Compile the inner network and switch the adapters around the compiled call: dynamo guards
-            # on the adapter flags, so the adapter-off state gets its own compiled graph.
-            return CompiledNet(adapter_off.net, device, name, self.records, around=adapter_off.adapters_off)
-        return CompiledNet(net, device, name, self.records)
+        like = net
+        if self.effective_mode == "inductor":
+            if adapter_off is not None:
+                # Compile the inner network; the adapters are switched off around it, and dynamo's
+                # guards on the adapter flags give that state its own compiled code.
+                net = type(adapter_off)(torch.compile(adapter_off.net, dynamic=False), adapter_off.model)
+            else:
+                net = torch.compile(net, dynamic=False)
+            if device.type != "cuda":
+                return net
+        graphed = GraphedNet(net, device, self.pool(device), name, self.warmup, self.max_graphs, self.records,
+                             like=like, kind="graph" if self.effective_mode == "graphs" else "inductor")
+        self._graphed.append(graphed)
+        return graphed
 
     @property
     def first_call_s(self) -> float:
