@@ -929,6 +929,41 @@ def zoo_section(report: Report, args: argparse.Namespace, device: torch.device) 
     report.put(section, "lcm + teacher", res)
 
 
+def zoo_pipeline_section(report: Report, args: argparse.Namespace, device: torch.device, deadline: float) -> None:
+    """``from_preset("zoo-lcm", compile=...)`` for none, graphs and inductor: latency, first call, equality."""
+    from distillpp.pipelines import from_preset
+
+    section = "zoo pipeline (zoo-lcm + teacher, guided 4+1)"
+    batch = 8 if args.tiny else 64
+    prompts = [str(i % 10) for i in range(batch)]
+    images: dict[str, torch.Tensor] = {}
+    for mode in ("none", "graphs", "inductor"):
+        if mode == "inductor" and (device.type != "cuda" or time.perf_counter() > deadline - 60):
+            report.put(section, f"compile={mode} b{batch}", {"skipped": "CPU or not enough time left in --budget-s"})
+            continue
+
+        def measure(mode=mode):
+            pipe = from_preset("zoo-lcm", device=str(device), compile=mode)
+
+            def call():
+                return pipe(prompts, generator=torch.Generator(device).manual_seed(0), output_type="pt",
+                            strength=0.1, guided_steps=1).images
+
+            t0 = time.perf_counter()
+            images[mode] = call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first = time.perf_counter() - t0
+            res = time_it(call, args.runs, args.warmup, device)
+            res["first_call_s"] = round(first, 2)
+            if mode != "none" and "none" in images:
+                res["vs_eager_images"] = diff(images[mode], images["none"])
+            print(f"  zoo-lcm pipeline compile={mode}: {res['median_ms']:.2f} ms  first {first:.1f} s", flush=True)
+            return res
+
+        guarded(report, section, f"compile={mode} b{batch}", measure)
+
+
 # --------------------------------------------------------------------------------------------
 # Report.
 # --------------------------------------------------------------------------------------------
@@ -1013,7 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="sdxl,paired,floor,lora,pipeline,zoo,flux",
                         help="comma-separated: sdxl (forwards, sampling), paired (diffusers/eager/fast interleaved), "
                              "floor (SDXL floor variants), lora, pipeline (the real DistillppPipeline, eager and "
-                             "compile='graphs'), zoo, flux")
+                             "compile='graphs'), zoo, flux, zoopipe (zoo-lcm through from_preset, every compile "
+                             "mode)")
     parser.add_argument("--inductor", action="store_true",
                         help="last: inductor kernels under graphs for SDXL-size batch 1 (compiles for minutes)")
     parser.add_argument("--budget-s", type=float, default=540, help="skip optional parts past this wall time")
@@ -1047,6 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
         guarded(report, "sdxl", "_section", lambda: sdxl_section(report, args, device, dtype, peak, deadline))
     if "zoo" in args.sections:
         guarded(report, "zoo", "_section", lambda: zoo_section(report, args, device))
+    if "zoopipe" in args.sections:
+        guarded(report, "zoo pipeline", "_section", lambda: zoo_pipeline_section(report, args, device, deadline))
     if "flux" in args.sections and time.perf_counter() < deadline - 60:
         guarded(report, "flux", "_section", lambda: flux_section(report, args, device, peak))
     if args.inductor and device.type == "cuda":
@@ -1055,9 +1093,12 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: inductor_section(report, args, device, dtype, peak))
         else:
             report.put("sdxl floor: inductor (batch 1)", "skipped", "not enough time left in --budget-s")
-    for sec in report.data["sections"].values():
+    for name in list(report.data["sections"]):
+        sec = report.data["sections"][name]
         if sec.get("_section") is None:
             sec.pop("_section", None)
+        if not sec:
+            del report.data["sections"][name]
     report.data["wall_s"] = round(time.perf_counter() - start, 1)
     report.save()
     md = markdown(report.data)
