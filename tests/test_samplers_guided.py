@@ -8,15 +8,8 @@ import torch
 import distillpp
 from distillpp import TeacherGuidance
 from distillpp.analytic import GaussianMixtureDenoiser, energy_distance
-from distillpp.testbed import TRUE_MIXTURE, biased_students, default_sigmas
-
-
-def _setup(n=64, seed=0):
-    student = GaussianMixtureDenoiser(biased_students()["weights"])
-    teacher = GaussianMixtureDenoiser(TRUE_MIXTURE)
-    sigmas = default_sigmas()
-    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * float(sigmas[0])
-    return student, teacher, sigmas, x
+from distillpp.testbed import TRUE_MIXTURE, default_sigmas
+from test_guidance import _setup  # the exact test bed's student, teacher, grid and start
 
 
 def test_dpmpp_2s_guided_error_drop_is_at_least_half_of_eulers():
