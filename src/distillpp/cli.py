@@ -30,6 +30,7 @@ __all__ = [
     "HelpFormatter",
     "parse_int_list",
     "add_seeds_argument",
+    "int_at_least",
     "positive_int",
     "non_negative_int",
     "finite_float",
@@ -129,7 +130,9 @@ class _Flatten(argparse.Action):
         setattr(namespace, self.dest, [v for group in values for v in group])
 
 
-def _int_at_least(minimum: int) -> Any:
+def int_at_least(minimum: int) -> Any:
+    """An argparse type: an integer >= ``minimum`` (the message names no option: argparse prefixes it)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -143,8 +146,8 @@ def _int_at_least(minimum: int) -> Any:
     return parse
 
 
-positive_int = _int_at_least(1)
-non_negative_int = _int_at_least(0)
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def finite_float(text: str) -> float:
