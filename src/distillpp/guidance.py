@@ -241,7 +241,7 @@ class _Guide:
         self.schedule = teacher_schedule if hasattr(teacher_schedule, "sigma_to_t") else None
         if self.schedule is not None:
             table = self.schedule.sigmas
-            self._table = table.to(self.device)
+            self._tables = {self.device: table.to(self.device)}  # per device: one copy, not one per step
             self._log_table = table.clamp(min=1e-10).log().numpy()
         self._checked_shape = False
         self._finite: list[tuple] = []
@@ -263,7 +263,9 @@ class _Guide:
                 # Uniform over the teacher's integer timesteps in (0, t_i].
                 t_i = self._teacher_t(sigma)
                 t = (u * t_i).floor().long() + 1
-                return self._table.to(device)[t.clamp(max=t_i)].to(self.dtype)
+                if device not in self._tables:
+                    self._tables[device] = self._tables[self.device].to(device)
+                return self._tables[device][t.clamp(max=t_i)].to(self.dtype)
             # No timestep table: uniform in flow time s = sigma / (1 + sigma) over (0, s_i].
             s = u * (sigma / (1 + sigma))
             return (s / (1 - s)).to(self.dtype)
@@ -279,15 +281,17 @@ class _Guide:
         return math.sqrt(1 - mix) * d_rep + math.sqrt(mix) * z
 
     def _watch(self, t: torch.Tensor, who: str, i: int, sigma: float, sigma_t: Any = None) -> None:
-        """Record (on the device, no host read) whether ``t`` is finite."""
-        self._finite.append((torch.isfinite(t).all().to(self.device), who, i, sigma, sigma_t))
+        """Record (on ``t``'s device, no host read) whether ``t`` is finite."""
+        self._finite.append((torch.isfinite(t).all(), who, i, sigma, sigma_t))
 
     def raise_if_non_finite(self) -> None:
         """Raise :class:`NonFiniteError` naming the first evaluation that returned NaN/Inf (one host read)."""
         if not self._finite:
             return
         checks, self._finite = self._finite, []
-        for ok, (_, who, i, sigma, sigma_t) in zip(torch.stack([c[0] for c in checks]).tolist(), checks):
+        device = checks[0][0].device
+        flags = torch.stack([c[0].to(device) for c in checks]).tolist()
+        for ok, (_, who, i, sigma, sigma_t) in zip(flags, checks):
             if not ok:
                 at = f"step {i} (sigma={sigma:.6g}"
                 if sigma_t is not None:

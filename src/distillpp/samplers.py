@@ -31,8 +31,12 @@ estimate and ``d = (x - x0_uncond) / sigma`` the unconditional direction; rule 3
 ``generator`` is one ``torch.Generator``, a list with one per image (every draw of image ``b`` then comes
 from ``generator[b]``, so a sample does not depend on its batch companions), or ``None``.
 
+``callback`` is called once per step, with the step's first evaluation (k-diffusion's convention).
+
 The sampling loops never read a tensor back to the host: the grid is read once per run
 (``sigmas.tolist()``), and sigmas are handed to models in the grid's dtype (see :func:`_batch_sigma`).
+A CPU generator with an accelerator sample still copies each draw to the device (diffusers'
+convention), which synchronises; a generator on the sample's device does not.
 """
 
 from __future__ import annotations
