@@ -245,7 +245,7 @@ def sample(
 
 
 def _declared_schedule(denoiser: Any) -> Any:
-    """The discrete schedule a denoiser declares (``DiscreteVPDenoiser.schedule``, ``CFGDenoiser.schedule``), or None."""
+    """The discrete schedule a denoiser declares (``DiscreteVPDenoiser``/``CFGDenoiser.schedule``), or None."""
     return getattr(denoiser, "schedule", None)
 
 

@@ -251,7 +251,7 @@ class _Guide:
         return int(np.abs(self._log_table - math.log(max(sigma, 1e-10))).argmin())
 
     def teacher_sigma(self, i: int, batch: int, device: torch.device, sigma: float | None = None) -> torch.Tensor:
-        """``sigma'`` for each of ``batch`` re-noised samples of step ``i`` evaluated at ``sigma``, in the grid's dtype."""
+        """``sigma'`` of each of ``batch`` re-noised samples of step ``i`` (stage ``sigma``), in the grid's dtype."""
         sigma = self.grid[i] if sigma is None else sigma
         if self.cfg.renoise == "same":
             level = sigma

@@ -42,6 +42,7 @@ convention), which synchronises; a generator on the sample's device does not.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -222,8 +223,9 @@ def tcd_sigma_s(schedule: Any, sigmas: torch.Tensor, gamma: float) -> list[float
         sigmas: the grid.
         gamma: TCD's stochasticity (diffusers' ``eta``), in [0, 1].
     """
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    gamma = float(gamma)
     if schedule is None:
         s_next = [s / (1 + s) for s in sigmas[1:].tolist()]
         return [(1 - gamma) * s / (1 - (1 - gamma) * s) for s in s_next]
@@ -237,7 +239,7 @@ def tcd_sigma_s(schedule: Any, sigmas: torch.Tensor, gamma: float) -> list[float
 @torch.no_grad()
 def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, generator=None, guide=None,
                schedule=None, gamma=0.3, cfgpp=False):
-    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024; diffusers ``TCDScheduler``).
+    """TCD's strategic stochastic sampling (Zheng et al. 2024; diffusers ``TCDScheduler``).
 
     Each step predicts x0, moves deterministically to ``sigma_s = sigma(floor((1 - gamma) t_next))``
     along the student's direction and adds fresh noise up to the next sigma. The last step stops at
