@@ -17,15 +17,26 @@ from distillpp.zoo import train
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_top_level_help_imports_no_subcommand_torch_or_diffusers():
-    code = ("import sys\nfrom distillpp import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = sorted(m for m in ('torch', 'diffusers', 'distillpp.demo', 'distillpp.testbed', "
-            "'distillpp.zoo.train', 'distillpp.pipelines.cli') if m in sys.modules)\nprint('HEAVY', heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "HEAVY []" in out.stdout, out.stdout
-    for name in cli.SUBCOMMANDS:
-        assert name in out.stdout
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["demo", "--help"], ["demo", "--batch-size", "0"], ["demo", "--out", "FILE"], ["demo", "--classes", "x"],
+])
+def test_help_and_demo_argument_errors_import_no_torch_or_diffusers(argv, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    argv = [str(a_file) if a == "FILE" else a for a in argv]
+    code = ("import sys\nfrom distillpp import cli\ntry:\n    rc = cli.main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    rc = e.code\nheavy = sorted(m for m in ('torch', 'diffusers', 'distillpp.testbed', 'distillpp.zoo.train', "
+            "'distillpp.pipelines.cli') if m in sys.modules)\nprint('RC', rc, 'HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in out.stdout, (out.stdout, out.stderr)
+    if argv == ["--help"]:
+        assert "RC 0" in out.stdout and all(name in out.stdout for name in cli.SUBCOMMANDS)
+    elif "--help" not in argv:
+        assert "RC 2" in out.stdout and "distillpp demo: error: " in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_students_are_the_metrics_students():
+    assert demo.STUDENTS == tuple(demo.TEACHER_OF)
 
 
 def test_only_the_chosen_subcommand_gets_its_options():

@@ -182,6 +182,8 @@ def unit_float(text: str) -> float:
 
 def check_device(text: str, option: str = "--device") -> str:
     """``text`` if it names a torch device this machine has, else a ValueError naming ``option``."""
+    if text == "cpu":  # always there; no torch import needed to say so
+        return text
     import torch
 
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -22,21 +23,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from .metrics import (
-    TEACHER_OF,
-    Method,
-    ModelCache,
-    RealFeatures,
-    evaluate_samples,
-    generate,
-    get_zoo,
-    initial_noise,
-    load_test_set,
-    sample_forwards,
-)
 from .cli import (
     add_seeds_argument,
     check_device,
@@ -47,7 +33,37 @@ from .cli import (
     positive_int,
     staged_outputs,
 )
-from .metrics.evaluate import classifier_outputs
+
+# What the work needs (torch, diffusers through the zoo, the metrics harness) is imported only once the
+# options are valid, so ``distillpp demo --help`` and a bad option answer without a torch import.
+# _import_work_modules() binds these module globals (keeping any a test has replaced); reading one as
+# ``demo.<name>`` from outside binds them too (PEP 562).
+_WORK_NAMES = {
+    "torch": ("torch", None),
+    "load_file": ("safetensors.torch", "load_file"),
+    "save_file": ("safetensors.torch", "save_file"),
+    "classifier_outputs": (".metrics.evaluate", "classifier_outputs"),
+    **{name: (".metrics", name) for name in (
+        "TEACHER_OF", "Method", "ModelCache", "RealFeatures", "evaluate_samples", "generate", "get_zoo",
+        "initial_noise", "load_test_set", "sample_forwards",
+    )},
+}
+
+
+def _import_work_modules() -> None:
+    g = globals()
+    for name, (module, attr) in _WORK_NAMES.items():
+        if name not in g:
+            mod = importlib.import_module(module, __package__)
+            g[name] = mod if attr is None else getattr(mod, attr)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WORK_NAMES:
+        _import_work_modules()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["add_arguments", "run", "GUIDANCE_PRESETS", "CLASS_NAMES", "build_methods", "comparison_grid"]
 
@@ -64,7 +80,8 @@ GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
     "flow-student": {"strength": 0.1, "space": "x0", "teacher_cfg": 1.5},
 }
 
-STUDENTS = tuple(TEACHER_OF)
+# The students of metrics.TEACHER_OF, spelled out so the options need no torch import (a test checks they agree).
+STUDENTS = ("lcm", "pd", "flow-student")
 
 
 def parse_classes(text: str) -> list[int]:
@@ -144,6 +161,7 @@ def _preset(student: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def build_methods(students: Sequence[str], args: argparse.Namespace) -> list[Method]:
     """Rows of the demo: each teacher, then each of its students plain and with teacher guidance."""
+    _import_work_modules()
     methods: list[Method] = []
     for teacher in dict.fromkeys(TEACHER_OF[s] for s in students):
         methods.append(Method(teacher))
@@ -183,6 +201,7 @@ def comparison_grid(
     """
     from PIL import Image, ImageDraw, ImageFont
 
+    _import_work_modules()
     font = ImageFont.load_default()
     to_images = get_zoo().to_images  # uint8, the zoo's 32x32 padding cropped back to 28x28
     h = to_images(rows[0][2][:1, 0]).shape[-1]
@@ -270,6 +289,7 @@ def cpu_threads(requested: int = 0) -> int:
     """
     if requested > 0:
         return requested
+    _import_work_modules()
     cores = os.cpu_count() or 1
     try:
         busy = os.getloadavg()[0]
@@ -300,7 +320,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], list[int], list[str
     if args.teacher_cfg is not None and not math.isfinite(args.teacher_cfg):
         raise ValueError(f"--teacher-cfg must be a finite number, got {args.teacher_cfg}")
     students = [s.strip() for s in str(args.students).split(",") if s.strip()]
-    unknown = [s for s in students if s not in TEACHER_OF]
+    unknown = [s for s in students if s not in STUDENTS]
     if not students or unknown:
         raise ValueError(f"--students must be from {', '.join(STUDENTS)}; got {args.students!r}")
     if args.models_dir is not None and not Path(args.models_dir).is_dir():
@@ -321,6 +341,7 @@ def run(args: argparse.Namespace, zoo: Any = None) -> int:
         ValueError: a bad option (see :func:`check_args`), before any model is loaded.
     """
     checked = check_args(args)
+    _import_work_modules()
     threads = torch.get_num_threads()
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(cpu_threads(getattr(args, "threads", 0)))
