@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..api import sample
@@ -518,10 +519,11 @@ class GuidedPipeline:
         sigmas = fam.sigmas(call)
         lams = g.strengths(sigmas)
         uses_teacher = any(lam != 0 for lam in lams)
-        if uses_teacher and not self.has_teacher:
-            if guidance is not None or strength is not None or guided_steps is not None:
+        if not self.has_teacher:
+            asked = guidance is not None or strength is not None or guided_steps is not None
+            if asked and (callable(g.strength) or any(v != 0 for v in np.atleast_1d(g.strength))):
                 raise ValueError(f"this {fam.name} pipeline has no teacher, so strength must be 0 "
-                                 f"(got strengths {lams} for the guided steps)")
+                                 f"(got strength={g.strength!r})")
             uses_teacher = False  # the default knobs of a teacher-less pipeline: the student alone
         if uses_teacher:
             fam.check_guidance(g, sigmas)
