@@ -149,6 +149,16 @@ def test_keys_separate_shapes_dtypes_and_values():
     assert g.key(x, t) == g.key(torch.randn(1, 4, 8, 8), torch.full((1,), 7.0))
 
 
+def test_unhashable_arguments_run_eagerly():
+    capture = FakeCapture()
+    g = graphed(lambda sample, timestep, opts=None: sample * len(opts or []), capture)
+    x = torch.randn(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x, torch.ones(1), opts=[{"a": {1, 2}}]), x)  # a set inside: no hash
+        g(x, torch.ones(1), opts=["text"])  # strings and lists are keyed and captured
+    assert capture.count == 1 and g.eager_calls == 1
+
+
 def test_autograd_calls_run_eagerly_and_frozen_inference_is_replayed():
     capture = FakeCapture()
     g = graphed(scaled_net, capture)  # no module known: with gradients on, it may need autograd

@@ -81,8 +81,8 @@ def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
         return (type(obj), tuple(_flatten(v, tensors) for v in obj))
     try:
         hash(obj)
-    except TypeError:
-        return ("V", type(obj), repr(obj))
+    except TypeError:  # keyed by its repr; such a call runs eagerly (the value cannot be rebuilt)
+        return ("U", type(obj), repr(obj))
     return ("V", type(obj), obj)
 
 
@@ -94,9 +94,9 @@ def _build(spec: Any, tensors: list[torch.Tensor]) -> Any:
     if tag == "dict":
         return {k: _build(v, tensors) for k, v in spec[1]}
     if tag == "V":
-        if isinstance(spec[2], str) and spec[1] is not str:
-            raise ValueError(f"cannot rebuild an unhashable non-tensor argument {spec[2]}")
         return spec[2]
+    if tag == "U":
+        raise ValueError(f"cannot rebuild an unhashable non-tensor argument {spec[2]}")
     return spec[0](_build(v, tensors) for v in spec[1])
 
 
@@ -118,10 +118,8 @@ def _describe(spec: Any) -> str:
 
 
 def _has_unhashable(spec: Any) -> bool:
-    if spec[0] == "V":
-        return isinstance(spec[2], str) and spec[1] is not str
-    if spec[0] == "T":
-        return False
+    if spec[0] in ("T", "V", "U"):
+        return spec[0] == "U"
     items = spec[1] if spec[0] != "dict" else tuple(v for _, v in spec[1])
     return any(_has_unhashable(v) for v in items)
 
