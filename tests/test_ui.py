@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -272,12 +273,30 @@ def test_browser_runs_a_zoo_preset(server, tmp_path):
             page.click("#generate")
             expect(page.locator("#status")).to_contain_text("seeds is empty", timeout=30_000)
             seeds.fill(", ".join(str(s) for s in range(n_seeds)))
+            # A diffusers preset: a text prompt instead of the class, no teacher column, missing weights said so.
+            preset = page.get_by_label("Preset")
+            preset.click()
+            preset.fill("sdxl-lcm")
+            page.keyboard.press("Enter")
+            expect(page.locator("#class")).to_be_hidden()
+            expect(page.locator("#teacher")).to_be_hidden()
+            page.locator("#prompt textarea, #prompt input").first.fill("a red fox in snow")
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("Weights missing", timeout=30_000)
+            expect(page.locator("#status")).to_contain_text("latent-consistency/lcm-sdxl")
+            preset.click()
+            preset.fill("zoo-lcm")
+            page.keyboard.press("Enter")
+            expect(page.locator("#class")).to_be_visible()
+            expect(page.locator("#status")).to_contain_text("Pick settings")
             page.locator("#teacher-steps input").fill(str(teacher_steps))
             page.click("#generate")
             expect(page.locator("#status")).to_contain_text("Largest correction", timeout=120_000)
             for gallery in ("#student", "#guided", "#teacher"):
                 expect(page.locator(f"{gallery} img")).to_have_count(n_seeds)
             expect(page.locator("#plot .mark-line path")).to_have_count(n_seeds)  # one line per seed
+            x_axis = page.locator('#plot [aria-label^="X-axis"]')
+            expect(x_axis).to_have_attribute("aria-label", re.compile("discrete scale with 4 values: 1, 2, 3, 4"))
             assert page.locator("#cmd textarea").input_value().startswith("distillpp generate --preset zoo-lcm")
             page.wait_for_timeout(500)  # let the plot's transition finish before the picture
             shot.parent.mkdir(parents=True, exist_ok=True)

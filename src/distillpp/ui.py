@@ -562,7 +562,9 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
     if preset not in presets:
         raise ValueError(f"preset must be one of {', '.join(presets)}; got {preset!r}")
     d = preset_defaults(preset)
-    empty_plot = pd.DataFrame({"step": [], "correction": [], "seed": []})
+    # Typed like the results (labels, numbers, labels): the plot keeps the encoding of its first value.
+    empty_plot = pd.DataFrame({"step": pd.Series([], dtype=str), "correction": pd.Series([], dtype=float),
+                               "seed": pd.Series([], dtype=str)})
 
     with gr.Blocks(title="distillpp: teacher-guided sampling", analytics_enabled=False) as app:
         gr.Markdown(
@@ -601,7 +603,7 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
                 w_status = gr.Markdown("Pick settings and press **Generate**.", elem_id="status")
                 # One row per method and one column per seed, so a seed's images line up vertically.
                 def gallery(label: str, elem_id: str, visible: bool = True) -> Any:
-                    return gr.Gallery(label=label, columns=4, rows=1, height=230, object_fit="contain",
+                    return gr.Gallery(label=label, columns=4, rows=1, height=210, object_fit="contain",
                                       allow_preview=False, elem_id=elem_id, format="png", visible=visible)
 
                 g_student = gallery("Student alone", "student")
@@ -617,21 +619,22 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
                     w_py = gr.Code("", language="python", label="Python", lines=12, elem_id="python",
                                    show_line_numbers=False)
 
-        def on_preset(name: str):
+        def on_preset(name: str, class_name: str):
             try:
                 p = preset_defaults(name)
             except (KeyError, ValueError) as err:
-                return [gr.update()] * 13 + [_error_text(err)]
+                return [gr.update()] * 14 + [_error_text(err)]
             zoo = p["zoo"]
             return [
-                gr.update(visible=zoo), gr.update(visible=not zoo, value="Sneaker" if zoo else ""),
+                gr.update(visible=zoo), gr.update(visible=not zoo, value=class_name if zoo else ""),
                 p["strength"], p["per_step"], p["guided_steps"], p["steps"], p["renoise"], p["noise"], p["space"],
-                p["teacher_cfg"], p["samples"], gr.update(visible=zoo), p["teacher_steps"], "Pick settings and press **Generate**.",
+                p["teacher_cfg"], p["samples"], gr.update(visible=zoo), p["teacher_steps"], gr.update(visible=zoo),
+                "Pick settings and press **Generate**.",
             ]
 
-        w_preset.change(on_preset, w_preset, [w_class, w_prompt, w_strength, w_per_step, w_guided, w_steps,
+        w_preset.change(on_preset, [w_preset, w_class], [w_class, w_prompt, w_strength, w_per_step, w_guided, w_steps,
                                               w_renoise, w_noise, w_space, w_cfg, w_samples, w_teacher_row,
-                                              w_teacher_steps, w_status],
+                                              w_teacher_steps, g_teacher, w_status],
                         api_visibility="private")
         w_class.change(lambda c: c, w_class, w_prompt, api_visibility="private")
 
