@@ -54,6 +54,12 @@ def _args(tmp_path: Path, out: str, *extra: str) -> list[str]:
 
 @pytest.fixture
 def standin(monkeypatch):
+    """The stand-in as preset ``standin`` (registered for this test only)."""
+    from distillpp.pipelines.presets import PRESETS, Preset
+
+    monkeypatch.setitem(PRESETS, "standin", Preset(
+        name="standin", family="standin", base="standin-student", student_kind="pipeline", student=None,
+        teacher="standin-teacher", scheduler="none", num_inference_steps=4, guidance=StandIn().guidance))
     monkeypatch.setattr(batch, "load_pipeline", lambda preset, device, overrides=None: StandIn(preset))
 
 
@@ -95,8 +101,11 @@ def _fails_with(capsys, argv: list[str], pattern: str) -> None:
     assert len(err) == 1 and pattern in err[0], err
 
 
-def test_other_runs_foreign_and_corrupted_folders_are_refused(tmp_path, standin, capsys):
+def test_other_runs_foreign_and_corrupted_folders_are_refused(tmp_path, standin, monkeypatch, capsys):
     assert main(_args(tmp_path, "a")) == 0
+    with monkeypatch.context() as m:  # a finished run is checked and re-merged without loading a model
+        m.setattr(batch, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model for a finished run"))
+        assert main(_args(tmp_path, "a", "--batch-size", "2")) == 0
     capsys.readouterr()
     _fails_with(capsys, _args(tmp_path, "a", "--strength", "0.2"),
                 "holds a run with different settings (settings.guidance.strength: 0.1 -> 0.2)")
@@ -122,7 +131,7 @@ def test_other_runs_foreign_and_corrupted_folders_are_refused(tmp_path, standin,
     _fails_with(capsys, _args(tmp_path, "badconfig"), "batch_config.json is corrupted")
 
 
-def test_bad_arguments_fail_before_loading_a_model(tmp_path, monkeypatch, capsys):
+def test_bad_arguments_fail_before_loading_a_model(tmp_path, standin, monkeypatch, capsys):
     def boom(*a, **k):
         raise AssertionError("no model should load")
 
@@ -134,8 +143,9 @@ def test_bad_arguments_fail_before_loading_a_model(tmp_path, monkeypatch, capsys
     _fails_with(capsys, _args(tmp_path, "x", "--overrides", str(ov)), "not --preset 'standin'")
     _fails_with(capsys, ["--prompts", str(_prompt_file(tmp_path)), "--out", str(tmp_path / "x")],
                 "--preset is required")
-    monkeypatch.setattr(batch, "load_pipeline", lambda preset, device, overrides=None: StandIn(preset))
     _fails_with(capsys, _args(tmp_path, "x", "--samples", "0"), "samples must be an integer >= 1")
+    ov.write_text(json.dumps({"guidance": {"strength": 0.3}, "colour": "red"}))
+    _fails_with(capsys, _args(tmp_path, "x", "--overrides", str(ov)), "unknown fields ['colour']")
     assert not (tmp_path / "x").exists()
 
 
@@ -154,7 +164,7 @@ def test_image_without_its_journal_line_and_torn_lines_are_redone_identically(tm
     assert sorted(records) == [(r, k) for r in range(5) for k in range(2)]
 
 
-def test_a_folder_with_no_images_yet_takes_the_corrected_command(tmp_path, monkeypatch, capsys):
+def test_a_folder_with_no_images_yet_takes_the_corrected_command(tmp_path, standin, monkeypatch, capsys):
     class Refuses(StandIn):
         def __call__(self, prompt, **kwargs):
             bad = [p for p in prompt if p == "Coat"]

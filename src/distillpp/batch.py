@@ -407,6 +407,25 @@ def load_pipeline(preset: str, device: str, overrides: dict | None = None) -> An
     return from_preset(preset, **kwargs)
 
 
+def describe_preset(preset: str, overrides: dict | None = None) -> Any:
+    """What the run needs to know of a preset without loading its models: ``preset`` (with
+    ``overrides`` applied), its default ``guidance`` and ``has_teacher``, as the loaded pipeline has them.
+
+    Raises:
+        ValueError: unknown preset, or an override file with unknown fields.
+    """
+    from types import SimpleNamespace
+
+    from .pipelines.presets import get_preset, load_overrides
+
+    p = get_preset(preset)
+    if overrides is not None:
+        data = load_overrides(overrides)
+        data.pop("preset", None)
+        p = p.with_overrides(**data)
+    return SimpleNamespace(preset=p, guidance=p.guidance, has_teacher=p.teacher != "none")
+
+
 def _read_overrides(path: str | None, preset: str | None) -> tuple[str, dict | None]:
     if path is None:
         if not preset:
@@ -437,7 +456,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def resolve_guidance(pipe: Any, knobs: dict[str, Any]) -> Any:
-    """The :class:`~distillpp.TeacherGuidance` of the run: the pipeline's default with ``knobs`` set.
+    """The :class:`~distillpp.TeacherGuidance` of the run: the default of ``pipe`` (a pipeline, or
+    :func:`describe_preset`'s view) with ``knobs`` set.
 
     Raises:
         ValueError: a knob is given for a preset without a teacher, or out of range (naming it).
@@ -694,9 +714,12 @@ def run(args: argparse.Namespace) -> int:
     preset, overrides = _read_overrides(args.overrides, args.preset)
     rows = read_prompts(args.prompts)
     items = plan_items(rows, args.images_per_prompt, args.seed)
-    if args.engine == "ray":
-        return _run_ray(args, preset, overrides, rows, items)
-    return _run_local(args, preset, overrides, rows, items)
+    # Settings come from the preset registry, so a bad knob or a refused folder costs no model load.
+    view = describe_preset(preset, overrides)
+    guidance = resolve_guidance(view, {k: getattr(args, k) for k in KNOBS})
+    description = _run_description(view, args, rows, guidance, overrides)
+    run_args = (preset, overrides, guidance, description, items)
+    return _run_ray(args, *run_args) if args.engine == "ray" else _run_local(args, *run_args)
 
 
 def _summary(made: int, skipped: int, seconds: float, workers: int, folder: BatchFolder, manifest: Path) -> str:
@@ -705,7 +728,7 @@ def _summary(made: int, skipped: int, seconds: float, workers: int, folder: Batc
             f"{seconds:.1f} s, {rate:.2f} img/s over {workers} worker(s); manifest: {manifest}")
 
 
-def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, rows: list[Row],
+def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, guidance: Any, description: dict,
                items: list[Item]) -> int:
     import torch
 
@@ -713,9 +736,7 @@ def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, ro
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and dist.world > 1:
         device = f"cuda:{dist.local_rank}"  # one GPU per torchrun process
-    pipe = load_pipeline(preset, device, overrides)
-    guidance = resolve_guidance(pipe, {k: getattr(args, k) for k in KNOBS})
-    description = _run_description(pipe, args, rows, guidance, overrides)
+    steps = description["settings"]["num_inference_steps"]
     folder = BatchFolder(args.out)
     dist.init()
     try:
@@ -734,10 +755,11 @@ def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, ro
         todo = [it for it in mine if it.key not in done]
         desc = f"rank {dist.rank}/{dist.world}" if dist.world > 1 else "batch"
         t0 = time.perf_counter()
+        pipe = load_pipeline(preset, device, overrides) if todo else None
         bar = _progress(len(mine), len(mine) - len(todo), desc, dist.rank)
         try:
             for chunk in _batches(todo, args.batch_size):
-                for it, png in zip(chunk, generate_items(pipe, chunk, guidance, args.steps)):
+                for it, png in zip(chunk, generate_items(pipe, chunk, guidance, steps)):
                     folder.write(it, png, _record(it, png, description))
                 bar.update(len(chunk))
         finally:
@@ -781,29 +803,25 @@ class _RayGenerator:
         return {"item": list(batch["item"]), "png": pngs}
 
 
-def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, rows: list[Row],
+def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, guidance: Any, description: dict,
              items: list[Item]) -> int:
     try:
         import ray
         import ray.data
     except ImportError as err:
         raise ValueError(f"--engine ray needs Ray: pip install 'distillpp[ray]' ({err})") from None
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address)
-    # The driver loads the pipeline once (on the CPU) to resolve settings and model revisions
-    # exactly as the local engine does, so both write the same config and manifest.
-    pipe = load_pipeline(preset, "cpu", overrides)
-    guidance = resolve_guidance(pipe, {k: getattr(args, k) for k in KNOBS})
-    description = _run_description(pipe, args, rows, guidance, overrides)
-    del pipe
     folder = BatchFolder(args.out)
     folder.prepare(description)
     done = folder.records()
     folder.verify(done, items)
     todo = [it for it in items if it.key not in done]
-    gpus = ray.cluster_resources().get("GPU", 0)
-    per_replica = args.gpus_per_replica if args.gpus_per_replica is not None else (1 if gpus else 0)
-    replicas = args.replicas or max(1, int(gpus // per_replica) if per_replica else 1)
+    replicas = per_replica = 0
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=args.ray_address)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        per_replica = args.gpus_per_replica if args.gpus_per_replica is not None else (1 if gpus else 0)
+        replicas = args.replicas or max(1, int(gpus // per_replica) if per_replica else 1)
     t0 = time.perf_counter()
     bar = _progress(len(items), len(items) - len(todo), f"ray x{replicas}")
     try:
@@ -814,8 +832,8 @@ def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, rows
                 # (2.9-2.50) is deprecated since 2.51.
                 _RayGenerator, batch_size=args.batch_size, num_gpus=per_replica,
                 compute=ray.data.ActorPoolStrategy(size=replicas),
-                fn_constructor_kwargs={"preset": preset, "overrides": overrides,
-                                       "guidance": _guidance_dict(guidance), "steps": args.steps},
+                fn_constructor_kwargs={"preset": preset, "overrides": overrides, "guidance": _guidance_dict(guidance),
+                                       "steps": description["settings"]["num_inference_steps"]},
             )
             for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
                 for raw, png in zip(batch["item"], batch["png"]):
