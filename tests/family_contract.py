@@ -102,7 +102,7 @@ class FamilyContract:
         (dict(output_type="jpeg"), "output_type"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(num_inference_steps=0), "num_inference_steps"),
-        (dict(height=3), "height"),
+        (dict(height=-8), "height"),
         (dict(generator="seed"), "generator"),
         (dict(not_an_option=1), "not_an_option"),
     ])

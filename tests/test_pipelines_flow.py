@@ -7,7 +7,6 @@ student's own diffusers pipeline, the FLUX-dev guidance embedding reaches the te
 
 from __future__ import annotations
 
-import string
 
 import numpy as np
 import pytest
@@ -24,18 +23,14 @@ from diffusers import (  # noqa: E402
     StableDiffusion3Pipeline,
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
-from transformers import (  # noqa: E402
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
-)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 import distillpp  # noqa: E402
 from distillpp.pipelines import MissingWeightsError, from_preset, get_preset, list_presets  # noqa: E402
+from family_contract import FamilyContract  # noqa: E402
+from tiny import clip_config, clip_tokenizer, t5_encoder, t5_tokenizer  # noqa: E402
+from tiny import flow_vae as vae  # noqa: E402
+
 from distillpp.pipelines.flow import (  # noqa: E402
     FlowDistillppPipeline,
     FluxFamily,
@@ -57,40 +52,6 @@ SD35 = dict(shift=3.0)
 
 # ---------------------------------------------------------------------------------------------------
 # Tiny components
-
-
-def clip_tokenizer() -> CLIPTokenizer:
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + ".,!?'-":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def t5_tokenizer() -> T5Tokenizer:
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + c, -3.0) for c in string.ascii_lowercase] + [(c, -4.0) for c in string.ascii_lowercase]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
-
-
-def clip_config() -> CLIPTextConfig:
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
-                          num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
-                          hidden_act="gelu", projection_dim=32)
-
-
-def t5_encoder() -> T5EncoderModel:
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=64, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8)
-    return T5EncoderModel(config).eval()  # constructed models start in train mode (dropout on)
-
-
-def vae(latent_channels: int) -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
-                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
 
 
 def flux_transformer(seed: int = 0, guidance_embeds: bool = False, **overrides) -> FluxTransformer2DModel:
@@ -159,6 +120,34 @@ def flux():
 @pytest.fixture(scope="module")
 def sd3():
     return sd3_pipe(), sd3_transformer(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The invariants every family keeps
+
+
+class TestFluxContract(FamilyContract):
+    CALL = dict(SIZE, output_type="latent")
+
+    def make(self):
+        pipe = flux_pipe()
+
+        def reference(prompts, generator, **kw):
+            return pipe(prompts, num_inference_steps=4, guidance_scale=0.0, generator=generator, **kw).images
+
+        return FlowDistillppPipeline(pipe, flux_transformer(1, guidance_embeds=True)), reference
+
+
+class TestSD3Contract(FamilyContract):
+    CALL = dict(SIZE, output_type="latent")
+
+    def make(self):
+        pipe = sd3_pipe()
+
+        def reference(prompts, generator, **kw):
+            return pipe(prompts, num_inference_steps=4, guidance_scale=0.0, generator=generator, **kw).images
+
+        return FlowDistillppPipeline(pipe, sd3_transformer(1)), reference
 
 
 # ---------------------------------------------------------------------------------------------------
