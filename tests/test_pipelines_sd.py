@@ -32,6 +32,9 @@ from diffusers import (  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
+from family_contract import FamilyContract  # noqa: E402
+from tiny import clip_config, clip_tokenizer  # noqa: E402
+
 import distillpp  # noqa: E402
 from distillpp.pipelines import PRESETS, DistillppPipelineOutput, MissingWeightsError, from_preset, get_preset  # noqa: E402
 from distillpp.pipelines.lora import AdapterOffNet, lora_state  # noqa: E402
@@ -49,38 +52,16 @@ SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", 
 # ------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
+    """The shared tiny CLIP tokenizer, saved where the pipelines load it from."""
     d = tmp_path_factory.mktemp("tokenizer")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    chars = _bytes_to_unicode()
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    clip_tokenizer().save_pretrained(d)
     return str(d)
 
 
 def _text_config() -> CLIPTextConfig:
-    return CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=1000, hidden_act="gelu", projection_dim=32,
-    )
+    return clip_config()
 
 
 def tiny_unet(sdxl: bool, seed: int = 0, time_cond_proj_dim: int | None = None, **overrides) -> UNet2DConditionModel:
@@ -375,6 +356,20 @@ def test_mismatched_pairs_raise(tokenizer_dir, sd_pair):
     # v-prediction teachers are fine.
     DistillppPipeline(sd_pipe, sd_teacher, teacher_scheduler={**sd_pipe.scheduler.config,
                                                               "prediction_type": "v_prediction"})
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd15", "sdxl"], scope="class")
+class TestSDContract(FamilyContract):
+    CALL = dict(height=SIZE, width=SIZE, output_type="latent")
+
+    @pytest.fixture(scope="class")
+    def made(self, tokenizer_dir, sdxl):
+        pipe = tiny_pipe(tokenizer_dir, sdxl)  # Euler, trailing spacing (Lightning)
+
+        def reference(prompts, generator, **kw):
+            return pipe(prompts, num_inference_steps=4, guidance_scale=0.0, generator=generator, **kw).images
+
+        return DistillppPipeline(pipe, tiny_unet(sdxl, seed=5), guidance_scale=0.0), reference
 
 
 # ------------------------------------------------------------------------------------------
