@@ -294,11 +294,15 @@ def test_browser_runs_a_zoo_preset(server, tmp_path):
             expect(page.locator("#status")).to_contain_text("Largest correction", timeout=120_000)
             for gallery in ("#student", "#guided", "#teacher"):
                 expect(page.locator(f"{gallery} img")).to_have_count(n_seeds)
-            expect(page.locator("#plot .mark-line path")).to_have_count(n_seeds)  # one line per seed
+            expect(page.locator("#plot .mark-symbol path")).to_have_count(4 * n_seeds)  # a point per step and seed
             x_axis = page.locator('#plot [aria-label^="X-axis"]')
             expect(x_axis).to_have_attribute("aria-label", re.compile("discrete scale with 4 values: 1, 2, 3, 4"))
             assert page.locator("#cmd textarea").input_value().startswith("distillpp generate --preset zoo-lcm")
-            page.wait_for_timeout(500)  # let the plot's transition finish before the picture
+            # The plot draws after its data arrives: wait until every point has a shape.
+            page.wait_for_function(
+                "n => [...document.querySelectorAll('#plot .mark-symbol path')]"
+                ".filter(p => (p.getAttribute('d') || '').length > 4).length === n", arg=4 * n_seeds)
+            page.wait_for_timeout(500)
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
         finally:

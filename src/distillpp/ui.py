@@ -562,9 +562,6 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
     if preset not in presets:
         raise ValueError(f"preset must be one of {', '.join(presets)}; got {preset!r}")
     d = preset_defaults(preset)
-    # Typed like the results (labels, numbers, labels): the plot keeps the encoding of its first value.
-    empty_plot = pd.DataFrame({"step": pd.Series([], dtype=str), "correction": pd.Series([], dtype=float),
-                               "seed": pd.Series([], dtype=str)})
 
     with gr.Blocks(title="distillpp: teacher-guided sampling", analytics_enabled=False) as app:
         gr.Markdown(
@@ -603,16 +600,18 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
                 w_status = gr.Markdown("Pick settings and press **Generate**.", elem_id="status")
                 # One row per method and one column per seed, so a seed's images line up vertically.
                 def gallery(label: str, elem_id: str, visible: bool = True) -> Any:
-                    return gr.Gallery(label=label, columns=4, rows=1, height=210, object_fit="contain",
+                    return gr.Gallery(label=label, columns=4, rows=1, height=230, object_fit="contain",
                                       allow_preview=False, elem_id=elem_id, format="png", visible=visible)
 
                 g_student = gallery("Student alone", "student")
                 g_guided = gallery("Student + teacher guidance (same seeds)", "guided")
                 g_teacher = gallery("Teacher alone, its own many-step sampler (same seeds)", "teacher", d["zoo"])
-                w_plot = gr.LinePlot(empty_plot, x="step", y="correction", color="seed",
-                                     title="How far the teacher moved the student's x0 at each step",
-                                     x_title="student step", y_title="RMS of x0 change",
-                                     elem_id="plot", label="Correction per step")
+                # Points, not one coloured line per seed: Gradio's plot fixes its colour domain when first drawn
+                # and then draws no line for seeds that were not in the first result.
+                w_plot = gr.ScatterPlot(None, x="step", y="correction", tooltip="all",
+                                        title="How far the teacher moved the student's x0 (one point per seed)",
+                                        x_title="student step", y_title="RMS of x0 change",
+                                        elem_id="plot", label="Correction per step")
                 with gr.Accordion("Reproduce these images", open=True):
                     w_cmd = gr.Textbox("", label="Command line", lines=2, interactive=False, buttons=["copy"],
                                        elem_id="cmd")
@@ -649,7 +648,7 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
                 if not isinstance(err, (ValueError, FileNotFoundError)):
                     traceback.print_exc()
                 cleared = gr.update(value=[])
-                return (_error_text(err), cleared, cleared, cleared, empty_plot, "", "")
+                return (_error_text(err), cleared, cleared, cleared, gr.update(), "", "")
             cols = min(len(req.seeds), 8)
             return (
                 summary(result),
