@@ -105,11 +105,12 @@ def test_other_runs_foreign_and_corrupted_folders_are_refused(tmp_path, standin,
     assert main(_args(tmp_path, "a")) == 0
     with monkeypatch.context() as m:  # a finished run is checked and re-merged without loading a model
         m.setattr(batch, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model for a finished run"))
-        assert main(_args(tmp_path, "a", "--batch-size", "2")) == 0
+        assert main(_args(tmp_path, "a")) == 0
     capsys.readouterr()
     _fails_with(capsys, _args(tmp_path, "a", "--strength", "0.2"),
                 "holds a run with different settings (settings.guidance.strength: 0.1 -> 0.2)")
     _fails_with(capsys, _args(tmp_path, "a", "--images-per-prompt", "3"), "different settings")
+    _fails_with(capsys, _args(tmp_path, "a", "--batch-size", "3"), "(batch_size: 8 -> 3)")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -158,7 +159,7 @@ def test_image_without_its_journal_line_and_torn_lines_are_redone_identically(tm
     # A kill after the image's rename but before its journal line was complete.
     part.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
     (tmp_path / "a" / ".tmp-000004_001.png.999").write_bytes(b"partial")  # a kill during a write
-    assert main(_args(tmp_path, "a", "--batch-size", "4")) == 0
+    assert main(_args(tmp_path, "a")) == 0
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == ref
     records = batch.BatchFolder(tmp_path / "a").records()
     assert sorted(records) == [(r, k) for r in range(5) for k in range(2)]

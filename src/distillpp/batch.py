@@ -2,13 +2,18 @@
 
 Each line of the prompt file is a *row*; each row makes ``--images-per-prompt`` images. An image's
 seed depends only on the base seed, its row and its image index (one ``torch.Generator`` per image,
-through the pipeline's per-image generator list), so the bytes of every image are the same whatever
-the batch size, the number of processes or how often the run was interrupted.
+through the pipeline's per-image generator list). The image list is cut into fixed chunks of
+``--batch-size`` images, one pipeline call each; processes take every ``WORLD_SIZE``-th chunk and a
+restart redoes whole chunks, so an image is always computed in the same batch and its bytes are the
+same whatever the number of processes or interruptions. (Another ``--batch-size`` draws the same
+noise, but the networks' float results move in their last bits with the batch, which can change a
+pixel by one level; ``--batch-size`` is therefore part of the run.)
 
 The output folder holds:
 
-- ``batch_config.json``: what the run is (preset, resolved guidance, steps, seeds, prompt-file
-  checksum, model ids and revisions). A later run into the same folder must match it or is refused.
+- ``batch_config.json``: what the run is (preset, resolved guidance, steps, seeds, batch size,
+  prompt-file checksum, model ids and revisions). A later run into the same folder must match it or
+  is refused.
 - one PNG per image, ``<row>_<image>.png``, written to a temporary name and renamed into place;
 - ``parts/part-*.jsonl``: one journal per process and attempt, a line appended (and fsync'ed) after
   each image is in place. On a restart these lines say what is finished; an image on disk without
@@ -16,12 +21,11 @@ The output folder holds:
 - ``manifest.jsonl``: the journals merged, one line per image sorted by row and image, written
   once every image exists (by rank 0 after a barrier, or by the Ray driver).
 
-Engines: ``local`` (one process, or ``torchrun --nproc_per_node N``: rows ``r`` with
-``r % WORLD_SIZE == RANK``, each process on ``cuda:LOCAL_RANK`` when CUDA is available) and
-``ray`` (a Ray Data ``map_batches`` over an actor pool, one model replica per actor; the driver
-writes files and journals exactly as the local engine does).
+Engines: ``local`` (one process, or ``torchrun --nproc_per_node N``, each process on
+``cuda:LOCAL_RANK`` when CUDA is available) and ``ray`` (a Ray Data ``map_batches`` over an actor
+pool, one model replica per actor, one chunk per call; the driver writes files and journals exactly
+as the local engine does).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -36,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 __all__ = [
     "Row",
@@ -589,7 +593,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--overrides", default=None, help="preset-override JSON file (as the tuner writes)")
     g.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt row")
     g.add_argument("--seed", type=int, default=0, help="base seed; each image's seed hashes (seed, row, image)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (does not change images)")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="images per pipeline call; part of the run (float results depend on the batch in their "
+                        "last bits), so a resume must use the same value")
     g.add_argument("--device", default=None,
                    help="device (default: cuda:LOCAL_RANK under torchrun, cuda if available, else cpu)")
 
@@ -693,12 +699,18 @@ def _run_description(pipe: Any, args: argparse.Namespace, rows: Sequence[Row], g
         "models": model_info(pipe),
         "prompts": {"rows": len(rows), "sha256": _sha256_bytes(_canonical(prompts).encode())},
         "images": len(rows) * args.images_per_prompt,
+        # The networks' float results change in the last bits with the batch they are computed in, so
+        # the batches are part of the run: the same chunks of the image list whatever the process
+        # count or the restarts (see _chunks).
+        "batch_size": args.batch_size,
     }
 
 
-def _batches(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _chunks(items: Sequence[Item], size: int) -> list[Sequence[Item]]:
+    """The run's pipeline calls: consecutive ``size``-image chunks of the whole image list. Processes
+    take every ``world``-th chunk and a restart redoes whole chunks, so each image is always computed
+    in the same batch and its bytes do not depend on sharding or interruptions."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def _progress(total: int, done: int, desc: str, position: int = 0) -> Any:
@@ -751,22 +763,27 @@ def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, gu
         if error:
             raise BatchFolderError(error)
         done = folder.records()
-        mine = [it for it in items if it.row % dist.world == dist.rank]
-        todo = [it for it in mine if it.key not in done]
+        mine = [c for j, c in enumerate(_chunks(items, args.batch_size)) if j % dist.world == dist.rank]
+        total = sum(len(c) for c in mine)
+        todo = [c for c in mine if any(it.key not in done for it in c)]
+        missing = sum(1 for c in todo for it in c if it.key not in done)
         desc = f"rank {dist.rank}/{dist.world}" if dist.world > 1 else "batch"
         t0 = time.perf_counter()
         pipe = load_pipeline(preset, device, overrides) if todo else None
-        bar = _progress(len(mine), len(mine) - len(todo), desc, dist.rank)
+        bar = _progress(total, total - missing, desc, dist.rank)
         try:
-            for chunk in _batches(todo, args.batch_size):
+            for chunk in todo:
+                new = 0
                 for it, png in zip(chunk, generate_items(pipe, chunk, guidance, steps)):
-                    folder.write(it, png, _record(it, png, description))
-                bar.update(len(chunk))
+                    if it.key not in done:  # images finished before a restart stay untouched
+                        folder.write(it, png, _record(it, png, description))
+                        new += 1
+                bar.update(new)
         finally:
             bar.close()
             folder.close()
         seconds = time.perf_counter() - t0
-        stats = dist.gather((len(todo), len(mine) - len(todo), seconds))
+        stats = dist.gather((missing, total - missing, seconds))
         if dist.rank == 0:
             manifest = folder.merge(items)
             made, skipped = sum(s[0] for s in stats), sum(s[1] for s in stats)
@@ -798,9 +815,12 @@ class _RayGenerator:
         self.steps = steps
 
     def __call__(self, batch: dict) -> dict:
-        items = [Item(**json.loads(s)) for s in batch["item"]]
-        pngs = generate_items(self.pipe, items, self.guidance, self.steps)
-        return {"item": list(batch["item"]), "png": pngs}
+        out: dict[str, list] = {"item": [], "png": []}
+        for chunk in batch["chunk"]:  # one chunk (pipeline batch) per row, as the local engine makes them
+            items = [Item(**d) for d in json.loads(chunk)]
+            out["png"] += generate_items(self.pipe, items, self.guidance, self.steps)
+            out["item"] += [json.dumps(dataclasses.asdict(it)) for it in items]
+        return out
 
 
 def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, guidance: Any, description: dict,
@@ -814,7 +834,8 @@ def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, guid
     folder.prepare(description)
     done = folder.records()
     folder.verify(done, items)
-    todo = [it for it in items if it.key not in done]
+    todo = [c for c in _chunks(items, args.batch_size) if any(it.key not in done for it in c)]
+    missing = sum(1 for c in todo for it in c if it.key not in done)
     replicas = per_replica = 0
     if todo:
         if not ray.is_initialized():
@@ -823,29 +844,32 @@ def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, guid
         per_replica = args.gpus_per_replica if args.gpus_per_replica is not None else (1 if gpus else 0)
         replicas = args.replicas or max(1, int(gpus // per_replica) if per_replica else 1)
     t0 = time.perf_counter()
-    bar = _progress(len(items), len(items) - len(todo), f"ray x{replicas}")
+    bar = _progress(len(items), len(items) - missing, f"ray x{replicas}")
     try:
         if todo:
-            ds = ray.data.from_items([{"item": json.dumps(dataclasses.asdict(it))} for it in todo])
+            ds = ray.data.from_items([{"chunk": json.dumps([dataclasses.asdict(it) for it in c])} for c in todo])
             out = ds.map_batches(
                 # A fixed pool of ``replicas`` actors. ``compute=`` works from Ray 2.9 on; ``concurrency=``
                 # (2.9-2.50) is deprecated since 2.51.
-                _RayGenerator, batch_size=args.batch_size, num_gpus=per_replica,
+                _RayGenerator, batch_size=1, num_gpus=per_replica,
                 compute=ray.data.ActorPoolStrategy(size=replicas),
                 fn_constructor_kwargs={"preset": preset, "overrides": overrides, "guidance": _guidance_dict(guidance),
                                        "steps": description["settings"]["num_inference_steps"]},
             )
             for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+                new = 0
                 for raw, png in zip(batch["item"], batch["png"]):
                     it = Item(**json.loads(raw))
-                    png = bytes(png)
-                    folder.write(it, png, _record(it, png, description))
-                bar.update(len(batch["item"]))
+                    if it.key not in done:
+                        png = bytes(png)
+                        folder.write(it, png, _record(it, png, description))
+                        new += 1
+                bar.update(new)
     finally:
         bar.close()
         folder.close()
     manifest = folder.merge(items)
-    print(_summary(len(todo), len(items) - len(todo), time.perf_counter() - t0, replicas, folder, manifest))
+    print(_summary(missing, len(items) - missing, time.perf_counter() - t0, replicas, folder, manifest))
     return 0
 
 
