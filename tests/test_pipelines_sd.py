@@ -410,12 +410,12 @@ def test_placed_net_moves_nested_conditioning():
 
 SD_PRESETS = sorted(n for n, p in PRESETS.items() if p.family in ("sd15", "sd2", "sdxl"))
 EXPECTED_SAMPLER = {"lightning": "euler", "turbo": "euler_ancestral", "lcm": "consistency", "dmd2": "consistency",
-                    "hyper-sd": "ddim"}
-EXPECTED_SPACE = {"lightning": "x0", "turbo": "x0", "lcm": "eps", "dmd2": "eps", "hyper-sd": "x0"}
+                    "hyper-sd": "ddim", "hyper-sd-1step": "tcd"}
+EXPECTED_SPACE = {"lightning": "x0", "turbo": "x0", "lcm": "eps", "dmd2": "eps", "hyper-sd": "x0", "hyper-sd-1step": "x0"}
 
 
 def _kind(name: str) -> str:
-    return next(k for k in ("lightning", "turbo", "dmd2", "hyper-sd", "lcm") if k in name)
+    return next(k for k in ("lightning", "turbo", "dmd2", "hyper-sd-1step", "hyper-sd", "lcm") if k in name)
 
 
 def _diffusers_sigmas(scheduler, num_steps, timesteps):
@@ -467,8 +467,10 @@ def test_preset_wiring(tokenizer_dir, name):
 
     # Strength 0 is the student's diffusers pipeline with the preset's settings.
     kw = dict(height=SIZE, width=SIZE, output_type="latent", guidance_scale=preset.guidance_scale)
+    if "eta" in preset.extra:
+        dp = DistillppPipeline(pipe, teacher, base_sched, preset=preset, eta=preset.extra["eta"])
     steps = {"timesteps": list(preset.timesteps)} if preset.timesteps else {"num_inference_steps": preset.num_inference_steps}
-    expected = pipe(PROMPT, generator=gen(11), **kw, **steps).images
+    expected = pipe(PROMPT, generator=gen(11), **kw, **steps, eta=preset.extra.get("eta", 0.0)).images
     plain = dp(PROMPT, generator=gen(11), strength=0.0, **kw).images
     torch.testing.assert_close(plain, expected, rtol=1e-4, atol=1e-4)
 

@@ -180,6 +180,15 @@ register_scheduler(SchedulerRule(
 ))
 
 
+register_scheduler(SchedulerRule(
+    name="TCDScheduler", noise="vp", sampler="tcd",
+    grid=lambda cfg, n, timesteps=None, **_: (
+        schedules.timestep_sigmas(_vp(cfg), timesteps) if timesteps is not None
+        else schedules.tcd_sigmas(_vp(cfg), n, cfg.get("original_inference_steps", 50))),
+    initial=lambda cfg: "vp", refused=_VP_REFUSED, warn_ignored=("clip_sample", "thresholding"),
+))
+
+
 def _flow_grid(cfg: Mapping[str, Any], n: int, mu: float | None = None, **_: Any) -> torch.Tensor:
     return schedules.flow_sigmas(
         n, num_train_timesteps=cfg.get("num_train_timesteps", 1000), shift=cfg.get("shift", 1.0),

@@ -29,6 +29,18 @@ DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16
 COMPILE_CHOICES = ("auto", "none", "graphs", "inductor")
 
 
+def _int_at_least(minimum: int) -> Any:
+    from ..cli import int_at_least
+
+    return int_at_least(minimum)
+
+
+def _number(text: str) -> float:
+    from ..cli import finite_float
+
+    return finite_float(text)
+
+
 def parse_strength(value: str) -> float | list[float]:
     """``"0.1"`` -> 0.1; ``"0.1,0.05"`` -> a per-guided-step list (each in [0, 1])."""
     try:
@@ -41,44 +53,6 @@ def parse_strength(value: str) -> float | list[float]:
     if bad:
         raise argparse.ArgumentTypeError(f"values must be in [0, 1], got {value!r}")
     return parts[0] if len(parts) == 1 else parts
-
-
-def _int_at_least(minimum: int) -> Any:
-    def parse(value: str) -> int:
-        try:
-            v = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {v}")
-        return v
-
-    return parse
-
-
-def _number(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
-    if v != v or v in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
-    return v
-
-
-def _seeds(values: Sequence[str]) -> list[int]:
-    """``--seeds 0 1 2`` or ``--seeds 0,1,2`` (both forms, as ``demo`` takes them)."""
-    out: list[int] = []
-    for v in values:
-        for part in str(v).split(","):
-            if part.strip():
-                try:
-                    out.append(int(part))
-                except ValueError:
-                    raise ValueError(f"--seeds takes integers (space- or comma-separated), got {part!r}") from None
-    if not out or any(s < 0 for s in out):
-        raise ValueError(f"--seeds must be non-negative integers, got {list(values)}")
-    return out
 
 
 def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,8 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prompt-file", help="text file with one prompt per line")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (student CFG and teacher CFG)")
     g.add_argument("--teacher-negative-prompt", default=None, help="negative prompt for the teacher only")
-    g.add_argument("--seeds", nargs="+", default=["0"], metavar="SEED",
-                   help="seeds, space- or comma-separated; image i of a prompt uses seed + i")
+    from ..cli import add_seeds_argument
+
+    add_seeds_argument(g, [0], "image i of a prompt uses seed + i")
     g.add_argument("--batch-size", type=_int_at_least(1), default=1, metavar="N",
                    help="images per prompt and seed, sampled in one batch")
     g.add_argument("--height", type=_int_at_least(1), default=None, help="image height in pixels")
@@ -225,7 +200,7 @@ def _check(args: argparse.Namespace) -> tuple[Any, list[str], list[int], str, di
     prompts = _prompts(args)
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompt-file")
-    seeds = _seeds(args.seeds)
+    seeds = list(args.seeds)
     if args.overrides is not None:
         data = load_overrides(args.overrides)
         made_for = data.pop("preset", None)

@@ -285,8 +285,7 @@ class _TransformerFamily(ModelFamily):
         if self.teacher_module is not None:
             check_flow_pair(self.student_module, self.teacher_module)
 
-    @property
-    def device(self) -> torch.device:
+    def find_device(self) -> torch.device:
         return self.owner._execution_device
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> None:

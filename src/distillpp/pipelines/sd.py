@@ -102,17 +102,19 @@ class SDFamily(ModelFamily):
         teacher_scheduler: scheduler (or config) giving the teacher's noise table and prediction type;
             default: the teacher pipeline's, else the student's.
         unfuse: for ``"adapter-off"`` with a fused LoRA: unfuse it (with a precision warning).
+        eta: default stochasticity of the scheduler's step (diffusers' ``eta``: DDIM's eta, TCD's gamma);
+            ``None``: diffusers' default (0). Also a per-call option.
     """
 
-    options: dict[str, Any] = {}
-
-    def __init__(self, student: Any, teacher: Any, teacher_scheduler: Any = None, unfuse: bool = False):
+    def __init__(self, student: Any, teacher: Any, teacher_scheduler: Any = None, unfuse: bool = False,
+                 eta: float | None = None):
         if not all(hasattr(student, a) for a in ("unet", "encode_prompt", "vae", "scheduler")):
             raise ValueError(
                 f"student must be a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(student).__name__}"
             )
         self.owner = student
         self.unfuse = unfuse
+        self.options = {"eta": eta}
         self.is_sdxl = hasattr(student, "text_encoder_2") and hasattr(student, "tokenizer_2")
         self.name = "sdxl" if self.is_sdxl else "sd"
         self.size_multiple = student.vae_scale_factor
@@ -140,8 +142,7 @@ class SDFamily(ModelFamily):
     def check_pair(self) -> None:
         check_pair(self.student_module, self.teacher_module, self.noise.prediction, self.teacher_noise.prediction)
 
-    @property
-    def device(self) -> torch.device:
+    def find_device(self) -> torch.device:
         return self.owner._execution_device
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> None:
@@ -159,6 +160,19 @@ class SDFamily(ModelFamily):
 
     def student_uses_cfg(self, call: Call) -> bool:
         return call.guidance_scale > 1 and self.lcm_embedding_dim is None
+
+    def sampler(self, call: Call) -> tuple[str, dict[str, Any]]:
+        """The scheduler's sampler; diffusers' ``eta`` is DDIM's eta and TCD's gamma (Euler: not used)."""
+        name, kwargs = super().sampler(call)
+        eta = call.options.get("eta")
+        if eta is not None:
+            if name in ("ddim", "euler_ancestral"):
+                kwargs["eta"] = eta
+            elif name == "tcd":
+                kwargs["gamma"] = eta
+        elif name == "tcd":
+            kwargs["gamma"] = 0.0  # diffusers' pipelines pass eta=0.0 unless told otherwise
+        return name, kwargs
 
     def _encode(self, call: Call, negative: list[str] | None, do_cfg: bool) -> tuple[dict, dict | None]:
         """``(cond, uncond)`` UNet keyword arguments for the batch (uncond ``None`` without CFG)."""
@@ -251,13 +265,14 @@ class DistillppPipeline(GuidedPipeline):
         teacher: a teacher UNet or pipeline, or ``"adapter-off"`` for LoRA students.
         teacher_scheduler: the teacher's scheduler (noise table, prediction type).
         unfuse: unfuse a fused LoRA (``"adapter-off"``) instead of raising.
+        eta: default ``eta`` of the scheduler's step (DDIM, TCD's gamma); per call as ``eta=``.
         **kwargs: :class:`GuidedPipeline` options (``preset``, ``guidance``, ``num_inference_steps``,
             ``timesteps``, ``guidance_scale``, ``teacher_device``, ``teacher_offload``, ``compile``).
     """
 
     def __init__(self, student: Any, teacher: Any, teacher_scheduler: Any = None, *, unfuse: bool = False,
-                 **kwargs: Any):
-        super().__init__(SDFamily(student, teacher, teacher_scheduler, unfuse=unfuse), **kwargs)
+                 eta: float | None = None, **kwargs: Any):
+        super().__init__(SDFamily(student, teacher, teacher_scheduler, unfuse=unfuse, eta=eta), **kwargs)
 
     @classmethod
     def from_preset(cls, name: str | Preset, **kwargs: Any) -> "DistillppPipeline":
@@ -379,6 +394,7 @@ def load_sd_preset(
         if not isinstance(teacher_model, str) and teacher_device is None and teacher_offload is None:
             teacher_model.to(device)
     return DistillppPipeline(pipe, teacher_model, teacher_sched, preset=preset, unfuse=unfuse,
+                             eta=preset.extra.get("eta"),
                              teacher_device=teacher_device, teacher_offload=teacher_offload, compile=compile)
 
 
@@ -489,3 +505,11 @@ for _n in (4, 8):
         notes="Not in the reference code: DDIM is Euler in VE coordinates, so the Lightning row's values are used.",
     ))
 del _n
+register_preset(Preset(
+    name="sdxl-hyper-sd-1step-lora", family="sdxl", base=SDXL_BASE, student_kind="lora",
+    student=WeightsRef("ByteDance/Hyper-SD", "Hyper-SDXL-1step-lora.safetensors", role="student LoRA"),
+    teacher="adapter-off", scheduler="TCDScheduler", num_inference_steps=1, guidance_scale=0.0,
+    guidance=_EULER_X0, extra={"eta": 1.0},
+    notes="Hyper-SD's one-step LoRA with the TCD scheduler and eta 1.0, as its authors recommend; guidance values "
+          "borrowed from the Lightning row (not in the reference code).",
+))

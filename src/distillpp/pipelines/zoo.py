@@ -114,12 +114,12 @@ class ZooFamily(ModelFamily):
         return (call.batch, self.student_module.config.in_channels, 32, 32)
 
     def draw_noise(self, call: Call, dtype: torch.dtype) -> torch.Tensor:
-        # CPU draws, so a seed gives the same image on every device.
+        # Drawn on the generator's device (a CPU generator gives the same image on every device).
         shape = self.latent_shape(call)
-        gens = call.generator if isinstance(call.generator, (list, tuple)) else None
-        if gens is not None:
-            return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) .cpu() for g in gens])
-        return torch.randn(shape, generator=call.generator)
+        if isinstance(call.generator, (list, tuple)):
+            return torch.stack([torch.randn(shape[1:], generator=g, device=g.device).cpu() for g in call.generator])
+        where = call.generator.device if call.generator is not None else "cpu"
+        return torch.randn(shape, generator=call.generator, device=where).cpu()
 
     def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
         return CFGDenoiser(self.noise.denoiser(net, self.student_module.dtype))
