@@ -1,4 +1,4 @@
-"""Bad input: a ValueError naming the argument, before any model is called (SPEC section 7)."""
+"""Bad input: a ValueError naming the argument, before any model is called (docs/method.md, section 7)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Teacher guidance: invariants on the analytic test bed (SPEC section 4)."""
+"""Teacher guidance: invariants on the analytic test bed (docs/method.md, section 4)."""
 
 import math
 
@@ -64,7 +64,7 @@ def test_teacher_none_or_guidance_none_is_student_alone():
 
 
 def test_guided_step_follows_the_method_exactly():
-    """Step 0 of Euler, x0 space, deterministic noise, renoise next: the SPEC formulas by hand."""
+    """Step 0 of Euler, x0 space, deterministic noise, renoise next: the formulas of docs/method.md by hand."""
     student, teacher, sigmas, x = _setup()
     lam = 0.3
     seen = []

@@ -474,7 +474,7 @@ def sigmas_from_scheduler(scheduler: Any, num_inference_steps: int, **kwargs: An
 
 
 def initial_sample(noise: torch.Tensor, sigmas: torch.Tensor, family: str = "vp") -> torch.Tensor:
-    """The starting sample at ``sigmas[0]`` for unit Gaussian ``noise`` (SPEC section 3).
+    """The starting sample at ``sigmas[0]`` for unit Gaussian ``noise`` (docs/method.md, section 3).
 
     ``vp``: pure noise in VP coordinates, ``noise * sqrt(1 + sigma^2)``; ``ve``: ``noise * sigma``;
     ``flow``: pure noise in flow coordinates, ``noise * (1 + sigma)``.
