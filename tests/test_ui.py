@@ -69,7 +69,8 @@ def test_parse_request_reads_every_setting():
     ({"per_step": "0.5, x"}, "per-step strengths must be numbers"),
     ({"per_step": "0.5, 0.2", "guided_steps": 3}, "3 guided steps need 3 values, got 2"),
     ({"seeds": " "}, "seeds is empty"),
-    ({"seeds": "0, one"}, "seeds must be integers or ranges"),
+    ({"seeds": "0, one"}, "seeds must be integers"),
+    ({"seeds": "-1"}, "seeds must be integers"),
     ({"seeds": "0-40"}, "at most 16"),
     ({"preset": "zoo-teacher"}, "not a student preset with a teacher"),
     ({"preset": ""}, "preset is empty"),
@@ -183,6 +184,18 @@ def test_ui_listens_on_localhost_by_default():
     ui.add_arguments(parser)
     args = parser.parse_args([])
     assert (args.host, args.download, args.preset) == ("127.0.0.1", False, "zoo-lcm")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
+    (["--preset", "zoo-teacher"], "--preset must be one of zoo-flow-student, zoo-lcm, zoo-pd"),
+    (["--device", "tpu:9"], "--device must be a torch device"),
+])
+def test_ui_refuses_bad_options_before_serving(argv, message, capsys):
+    from distillpp.cli import main
+
+    assert main(["ui", *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_ui_without_gradio_says_how_to_install(monkeypatch, capsys):

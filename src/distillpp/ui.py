@@ -126,21 +126,12 @@ class Result:
 
 
 def _seeds(text: Any) -> tuple[int, ...]:
-    if isinstance(text, (list, tuple)):
-        parts = [str(t) for t in text]
-    else:
-        parts = str(text if text is not None else "").replace(",", " ").split()
-    seeds: list[int] = []
-    for part in parts:
-        lo, dash, hi = part.partition("-")
-        try:
-            seeds.extend(range(int(lo), int(hi) + 1) if dash and lo else [int(part)])
-        except ValueError:
-            raise ValueError(f"seeds must be integers or ranges like 0-3, separated by commas; got {part!r}") from None
-    if not seeds:
-        raise ValueError("seeds is empty: give at least one seed, e.g. 0, 1")
-    if any(s < 0 or s >= 2**63 for s in seeds):
-        raise ValueError(f"seeds must be in [0, 2**63), got {text!r}")
+    from .cli import parse_int_list  # the seed syntax every distillpp command shares
+
+    tokens = list(text) if isinstance(text, (list, tuple)) else str(text or "").split()
+    seeds = parse_int_list(tokens, "seeds")
+    if any(s >= 2**63 for s in seeds):
+        raise ValueError(f"seeds must be below 2**63, got {max(seeds)}")
     if len(seeds) > MAX_SEEDS:
         raise ValueError(f"seeds: at most {MAX_SEEDS} at once, got {len(seeds)}")
     return tuple(dict.fromkeys(seeds))
@@ -204,7 +195,7 @@ def parse_request(
     Args:
         preset: a registered preset name.
         prompt: non-empty text (zoo: a class name or index; the pipeline checks which).
-        seeds: ``"0, 1"``, ``"0-3"`` or a list of integers (at most :data:`MAX_SEEDS`).
+        seeds: ``"0, 1"``, ``"0 1"``, ``"0-3"`` or a list of integers (at most :data:`MAX_SEEDS`).
         strength: ``lam`` in [0, 1]; ignored when ``per_step`` is given.
         per_step: optional comma-separated strengths, one per guided step.
         guided_steps: leading steps the teacher guides (>= 0).
@@ -696,13 +687,17 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(err, file=sys.stderr)
         return 2
+    from .cli import check_device
+
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.preset not in guided_presets():
+        raise ValueError(f"--preset must be one of {', '.join(guided_presets())}; got {args.preset!r}")
     import torch
 
     from .demo import cpu_threads
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cpu":
         torch.set_num_threads(cpu_threads(args.threads))
     app = build_app(Backend(device=device, download=args.download), preset=args.preset)
