@@ -50,18 +50,15 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(HERE.parent / "src"))
 
 from distillpp.guidance import NonFiniteError  # noqa: E402
-from distillpp.metrics import (  # noqa: E402
+from distillpp.metrics import RealFeatures, evaluate_samples, format_mean_std, mean_std  # noqa: E402
+from distillpp.zoo.harness import (  # noqa: E402
     TEACHER_OF,
     Method,
     ModelCache,
-    RealFeatures,
-    evaluate_samples,
-    format_mean_std,
     generate,
     get_zoo,
     initial_noise,
     load_test_set,
-    mean_std,
     sample_forwards,
 )
 

@@ -29,10 +29,8 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(HERE.parent / "src"))
 
-from distillpp.metrics import (  # noqa: E402
-    Method, ModelCache, RealFeatures, evaluate_samples, format_mean_std, generate, load_test_set, summarize,
-)
-from distillpp.metrics.generate import initial_noise  # noqa: E402
+from distillpp.metrics import RealFeatures, evaluate_samples, format_mean_std, summarize  # noqa: E402
+from distillpp.zoo.harness import Method, ModelCache, generate, initial_noise, load_test_set  # noqa: E402
 
 ROWS = [
     ("teacher", 4), ("lcm", None), ("pd", None),

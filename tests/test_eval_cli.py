@@ -48,7 +48,8 @@ def _small_test_set(folder: Path, n: int = 300) -> Path:
 
 
 def test_zoo_images_against_the_test_set_equal_metrics_fid(tmp_path):
-    from distillpp.metrics import RealFeatures, evaluate_samples, load_test_set
+    from distillpp.metrics import RealFeatures, evaluate_samples
+    from distillpp.zoo.harness import load_test_set
     from distillpp.pipelines import from_preset
     from distillpp.zoo import load_classifier
 

@@ -43,9 +43,10 @@ _WORK_NAMES = {
     "load_file": ("safetensors.torch", "load_file"),
     "save_file": ("safetensors.torch", "save_file"),
     "classifier_outputs": (".metrics.evaluate", "classifier_outputs"),
-    **{name: (".metrics", name) for name in (
-        "TEACHER_OF", "Method", "ModelCache", "RealFeatures", "evaluate_samples", "generate", "get_zoo",
-        "initial_noise", "load_test_set", "sample_forwards",
+    **{name: (".metrics", name) for name in ("RealFeatures", "evaluate_samples")},
+    **{name: (".zoo.harness", name) for name in (
+        "TEACHER_OF", "Method", "ModelCache", "generate", "get_zoo", "initial_noise", "load_test_set",
+        "sample_forwards",
     )},
 }
 

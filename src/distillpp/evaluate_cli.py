@@ -246,7 +246,8 @@ def _reference_features(args: argparse.Namespace, extractor: FeatureExtractor) -
         return extractor(load_images(files, extractor.mode)), f"{args.reference} ({len(files)} images)"
     if extractor.name != "zoo-classifier":
         raise ValueError(f"--features {args.features}: pass --reference DIR (real images) or --stats FILE")
-    from .metrics import RealFeatures, get_zoo, load_test_set
+    from .metrics import RealFeatures
+    from .zoo.harness import get_zoo, load_test_set
 
     images, _ = load_test_set(get_zoo(), data_dir=args.data_dir)
     real = RealFeatures.from_images(extractor.classifier, images, extractor.batch_size, extractor.device)

@@ -1,5 +1,7 @@
-"""Evaluation of generated images: FID, improved precision/recall, class consistency, seed spread,
-and the sampling harness the demo and benchmarks share."""
+"""Evaluation of generated images: FID, improved precision/recall, class consistency, seed spread.
+
+Model-agnostic: features come from whatever extractor the caller passes. The zoo's sampling
+harness lives in :mod:`distillpp.zoo.harness`."""
 
 from .evaluate import (
     RealFeatures,
@@ -11,16 +13,6 @@ from .evaluate import (
     summarize,
 )
 from .fid import feature_statistics, fid_from_features, frechet_distance
-from .generate import (
-    TEACHER_OF,
-    Method,
-    ModelCache,
-    generate,
-    get_zoo,
-    initial_noise,
-    load_test_set,
-    sample_forwards,
-)
 from .precision_recall import knn_radii, manifold_coverage, precision_recall
 
 __all__ = [
@@ -37,12 +29,4 @@ __all__ = [
     "mean_std",
     "summarize",
     "format_mean_std",
-    "TEACHER_OF",
-    "Method",
-    "ModelCache",
-    "get_zoo",
-    "load_test_set",
-    "initial_noise",
-    "generate",
-    "sample_forwards",
 ]

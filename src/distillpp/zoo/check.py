@@ -22,7 +22,7 @@ import torch
 from ..api import sample
 from ..guidance import TeacherGuidance
 from ..metrics.fid import fid_from_features
-from ..metrics.generate import TEACHER_OF
+from . import TEACHER_OF
 from . import ZOO_NAMES, ZooModel, load, load_classifier, to_images
 from .data import load_split
 

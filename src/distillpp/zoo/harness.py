@@ -11,6 +11,7 @@ import torch
 
 from ..api import sample
 from ..guidance import TeacherGuidance
+from . import TEACHER_OF
 
 __all__ = [
     "TEACHER_OF",
@@ -23,8 +24,6 @@ __all__ = [
     "sample_forwards",
 ]
 
-# Which teacher guides each student (the zoo's students were distilled from these).
-TEACHER_OF = {"lcm": "teacher", "pd": "teacher", "flow-student": "flow-teacher"}
 
 
 def get_zoo() -> Any:
