@@ -682,22 +682,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start the app and serve until interrupted."""
-    try:
-        gr = _import_gradio()
-    except ImportError as err:
-        print(err, file=sys.stderr)
-        return 2
     from .cli import check_device
 
+    # The options are checked before Gradio (seconds to import) is loaded.
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.preset not in guided_presets():
         raise ValueError(f"--preset must be one of {', '.join(guided_presets())}; got {args.preset!r}")
+    if args.device:
+        check_device(args.device)
+    try:
+        _import_gradio()
+    except ImportError as err:
+        print(err, file=sys.stderr)
+        return 2
     import torch
 
     from .demo import cpu_threads
 
-    device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cpu":
         torch.set_num_threads(cpu_threads(args.threads))
     app = build_app(Backend(device=device, download=args.download), preset=args.preset)
@@ -707,7 +710,6 @@ def run(args: argparse.Namespace) -> int:
         app.block_thread()
     finally:
         app.close()
-    del gr
     return 0
 
 
