@@ -566,6 +566,16 @@ def generate_items(pipe: Any, items: Sequence[Item], guidance: Any, steps: int |
     return out
 
 
+def _write_new(folder: "BatchFolder", made: Iterable[tuple[Item, bytes]], done: dict, run: dict) -> int:
+    """Write the images of a redone chunk that were not finished before; returns how many."""
+    new = 0
+    for item, png in made:
+        if item.key not in done:  # images finished before a restart stay untouched
+            folder.write(item, png, _record(item, png, run))
+            new += 1
+    return new
+
+
 def _record(item: Item, png: bytes, run: dict) -> dict:
     return {
         "row": item.row, "image": item.image, "prompt": item.prompt, "negative_prompt": item.negative_prompt,
@@ -773,12 +783,8 @@ def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, gu
         bar = _progress(total, total - missing, desc, dist.rank)
         try:
             for chunk in todo:
-                new = 0
-                for it, png in zip(chunk, generate_items(pipe, chunk, guidance, steps)):
-                    if it.key not in done:  # images finished before a restart stay untouched
-                        folder.write(it, png, _record(it, png, description))
-                        new += 1
-                bar.update(new)
+                bar.update(_write_new(folder, zip(chunk, generate_items(pipe, chunk, guidance, steps)), done,
+                                      description))
         finally:
             bar.close()
             folder.close()
@@ -857,14 +863,8 @@ def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, guid
                                        "steps": description["settings"]["num_inference_steps"]},
             )
             for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-                new = 0
-                for raw, png in zip(batch["item"], batch["png"]):
-                    it = Item(**json.loads(raw))
-                    if it.key not in done:
-                        png = bytes(png)
-                        folder.write(it, png, _record(it, png, description))
-                        new += 1
-                bar.update(new)
+                made = ((Item(**json.loads(raw)), bytes(png)) for raw, png in zip(batch["item"], batch["png"]))
+                bar.update(_write_new(folder, made, done, description))
     finally:
         bar.close()
         folder.close()
