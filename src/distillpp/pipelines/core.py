@@ -32,6 +32,7 @@ __all__ = [
     "Call",
     "Conditioning",
     "ModelFamily",
+    "DiffusersFamily",
     "GuidedPipeline",
     "GUIDANCE_KNOBS",
     "OUTPUT_TYPES",
@@ -294,6 +295,19 @@ class ModelFamily:
         return self.noise.sampler, dict(self.noise.sampler_kwargs)
 
 
+class DiffusersFamily(ModelFamily):
+    """A family whose student is a diffusers pipeline (``owner``): its text encoders and VAE serve the teacher too."""
+
+    def find_device(self) -> torch.device:
+        return self.owner._execution_device
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        self.owner.to(device=device, dtype=dtype) if dtype is not None else self.owner.to(device)
+
+    def noise_dtype(self, cond: Conditioning) -> torch.dtype:
+        return cond.student["cond"]["encoder_hidden_states"].dtype
+
+
 class GuidedPipeline:
     """A few-step student with inference-time teacher guidance (Distillation++), diffusers style.
 
@@ -415,6 +429,19 @@ class GuidedPipeline:
         call = self._call("x", None, None, num_inference_steps, timesteps, None, self.height or dh,
                           self.width or dw, 1, None, None, "latent", {})
         return self.family.sigmas(call)
+
+    # Preset families a subclass loads (``DistillppPipeline``: SD; empty: any).
+    preset_families: tuple[str, ...] = ()
+
+    @classmethod
+    def from_preset(cls, name: Any, **kwargs: Any) -> "GuidedPipeline":
+        """Load a preset; see :func:`distillpp.pipelines.from_preset` for the options."""
+        from .presets import from_preset, get_preset
+
+        preset = get_preset(name) if isinstance(name, str) else name
+        if cls.preset_families and preset.family not in cls.preset_families:
+            raise ValueError(f"preset {preset.name!r} is a {preset.family} preset; use distillpp.pipelines.from_preset")
+        return from_preset(preset, **kwargs)
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """``disable=False`` shows a sampling progress bar (diffusers' method name)."""

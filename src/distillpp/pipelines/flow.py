@@ -36,7 +36,7 @@ import torch
 from ..denoisers import CFGDenoiser, FlowDenoiser, transformer_fn
 from ..guidance import TeacherGuidance
 from ..schedules import FLOW_SIGMA_MAX, flow_sigmas, flow_time_shift_mu, flow_time_to_sigma, shift_flow_times
-from .core import Call, Conditioning, GuidedPipeline, ModelFamily
+from .core import Call, Conditioning, DiffusersFamily, GuidedPipeline
 from .noise import FlowNoise
 from .presets import Preset, register_family, register_preset
 from .weights import MissingWeightsError, WeightsRef, check_weights, loading_errors
@@ -259,7 +259,7 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class _TransformerFamily(ModelFamily):
+class _TransformerFamily(DiffusersFamily):
     """What FLUX and SD3 share: a diffusers pipeline whose text encoders and VAE serve the teacher too."""
 
     component = "transformer"
@@ -285,12 +285,6 @@ class _TransformerFamily(ModelFamily):
         if self.teacher_module is not None:
             check_flow_pair(self.student_module, self.teacher_module)
 
-    def find_device(self) -> torch.device:
-        return self.owner._execution_device
-
-    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> None:
-        self.owner.to(device=device, dtype=dtype)
-
     def default_size(self) -> tuple[int, int]:
         side = self.owner.default_sample_size * self.owner.vae_scale_factor
         return side, side
@@ -301,9 +295,6 @@ class _TransformerFamily(ModelFamily):
 
     def check_guidance(self, guidance: TeacherGuidance, sigmas: torch.Tensor) -> None:
         check_flow_guidance(guidance, sigmas)
-
-    def noise_dtype(self, cond: Conditioning) -> torch.dtype:
-        return cond.student["cond"]["encoder_hidden_states"].dtype
 
     def initial(self, call: Call, sigmas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         shape = self.latent_shape(call)
@@ -565,15 +556,7 @@ class FlowDistillppPipeline(GuidedPipeline):
                 teacher_tf.to(device)
         return cls(pipe, teacher_tf, **own)
 
-    @classmethod
-    def from_preset(cls, name: str | Preset, **kwargs: Any) -> "FlowDistillppPipeline":
-        """Load a ``flux`` or ``sd3`` preset; see :func:`distillpp.pipelines.from_preset` for the options."""
-        from .presets import from_preset, get_preset
-
-        preset = get_preset(name) if isinstance(name, str) else name
-        if preset.family not in _FAMILY_CLASSES:
-            raise ValueError(f"preset {preset.name!r} is a {preset.family} preset; use distillpp.pipelines.from_preset")
-        return from_preset(preset, **kwargs)
+    preset_families = ("flux", "sd3")
 
 
 _PIPELINE_OPTIONS = ("guidance", "num_inference_steps", "guidance_scale", "teacher_guidance", "height", "width",

@@ -28,7 +28,7 @@ import torch
 
 from ..denoisers import CFGDenoiser, transformer_fn
 from ..guidance import TeacherGuidance
-from .core import Call, Conditioning, GuidedPipeline, ModelFamily
+from .core import Call, Conditioning, DiffusersFamily, GuidedPipeline
 from .noise import VPNoise
 from .presets import Preset, register_family, register_preset
 from .weights import WeightsRef, check_weights, from_pretrained_variant, loading_errors
@@ -59,7 +59,7 @@ def check_pixart_pair(student: Any, teacher: Any) -> None:
             raise ValueError(f"teacher transformer {key}={t} differs from the student's {key}={s} ({what})")
 
 
-class PixArtFamily(ModelFamily):
+class PixArtFamily(DiffusersFamily):
     """A PixArt-alpha/Sigma student pipeline and its teacher transformer.
 
     Args:
@@ -95,12 +95,6 @@ class PixArtFamily(ModelFamily):
     def check_pair(self) -> None:
         if self.teacher_module is not None:
             check_pixart_pair(self.student_module, self.teacher_module)
-
-    def find_device(self) -> torch.device:
-        return self.owner._execution_device
-
-    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> None:
-        self.owner.to(device=device, dtype=dtype)
 
     def default_size(self) -> tuple[int, int]:
         side = self.student_module.config.sample_size * self.owner.vae_scale_factor
@@ -142,9 +136,6 @@ class PixArtFamily(ModelFamily):
         if not teacher:
             return Conditioning(student)
         return Conditioning(student, {"cond": cond, "uncond": t_uncond} if teacher_cfg_on else {"cond": cond})
-
-    def noise_dtype(self, cond: Conditioning) -> torch.dtype:
-        return cond.student["cond"]["encoder_hidden_states"].dtype
 
     def latent_shape(self, call: Call) -> tuple[int, ...]:
         f = self.owner.vae_scale_factor

@@ -24,7 +24,7 @@ import torch
 from ..denoisers import CFGDenoiser, lcm_guidance_embedding, unet_fn
 from ..diffusers_schedulers import SCHEDULERS, scheduler_config
 from ..guidance import TeacherGuidance
-from .core import Call, Conditioning, GuidedPipeline, ModelFamily
+from .core import Call, Conditioning, DiffusersFamily, GuidedPipeline
 from .noise import PREDICTION_TYPES, VPNoise, _check_prediction
 from .presets import Preset, register_family, register_preset
 from .weights import (
@@ -92,7 +92,7 @@ def student_scheduler(preset: Preset, base_scheduler: Any) -> Any:
     return cls.from_config(_config(base_scheduler), **dict(preset.scheduler_config))
 
 
-class SDFamily(ModelFamily):
+class SDFamily(DiffusersFamily):
     """An SD1.5/SD2/SDXL student pipeline and its teacher UNet.
 
     Args:
@@ -141,12 +141,6 @@ class SDFamily(ModelFamily):
 
     def check_pair(self) -> None:
         check_pair(self.student_module, self.teacher_module, self.noise.prediction, self.teacher_noise.prediction)
-
-    def find_device(self) -> torch.device:
-        return self.owner._execution_device
-
-    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> None:
-        self.owner.to(device=device, dtype=dtype) if dtype is not None else self.owner.to(device)
 
     def default_size(self) -> tuple[int, int]:
         side = self.student_module.config.sample_size * self.owner.vae_scale_factor
@@ -210,9 +204,6 @@ class SDFamily(ModelFamily):
                 self._encode(call, call.teacher_negative or call.negative, True)[1]
         return Conditioning(student, {"cond": cond, "uncond": t_uncond})
 
-    def noise_dtype(self, cond: Conditioning) -> torch.dtype:
-        return cond.student["cond"]["encoder_hidden_states"].dtype
-
     def latent_shape(self, call: Call) -> tuple[int, ...]:
         f = self.owner.vae_scale_factor
         return (call.batch, self.student_module.config.in_channels, call.height // f, call.width // f)
@@ -274,15 +265,7 @@ class DistillppPipeline(GuidedPipeline):
                  eta: float | None = None, **kwargs: Any):
         super().__init__(SDFamily(student, teacher, teacher_scheduler, unfuse=unfuse, eta=eta), **kwargs)
 
-    @classmethod
-    def from_preset(cls, name: str | Preset, **kwargs: Any) -> "DistillppPipeline":
-        """Load an SD1.5/SD2/SDXL preset; see :func:`distillpp.pipelines.from_preset` for the options."""
-        from .presets import from_preset, get_preset
-
-        preset = get_preset(name) if isinstance(name, str) else name
-        if preset.family not in SD_FAMILIES:
-            raise ValueError(f"preset {preset.name!r} is a {preset.family} preset; use distillpp.pipelines.from_preset")
-        return from_preset(preset, **kwargs)
+    preset_families = ("sd15", "sd2", "sdxl")
 
 
 # --------------------------------------------------------------------------------------------
