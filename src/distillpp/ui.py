@@ -310,16 +310,12 @@ class Backend:
         device: torch device for every pipeline.
         download: let presets fetch missing weights (``distillpp ui --download``); otherwise only
             local folders and the Hugging Face cache are used.
-        loader: ``loader(name, device=, download=)`` returning a pipeline with the
-            ``distillpp.pipelines.from_preset`` interface (default: ``from_preset``).
         max_pipelines: pipelines kept loaded; the least recently used is dropped first.
     """
 
-    def __init__(self, device: str = "cpu", download: bool = False, loader: Callable[..., Any] | None = None,
-                 max_pipelines: int = 4):
+    def __init__(self, device: str = "cpu", download: bool = False, max_pipelines: int = 4):
         self.device = device
         self.download = bool(download)
-        self._loader = loader
         self._pipes: OrderedDict[str, Any] = OrderedDict()
         self.max_pipelines = max(1, int(max_pipelines))
 
@@ -328,13 +324,12 @@ class Backend:
         if name in self._pipes:
             self._pipes.move_to_end(name)
             return self._pipes[name]
-        loader = self._loader
-        if loader is None:
-            from .pipelines import from_preset as loader
+        from .pipelines import from_preset
+
         kwargs: dict[str, Any] = {"device": self.device}
         if not _is_zoo(name):
             kwargs["download"] = self.download
-        pipe = loader(name, **kwargs)
+        pipe = from_preset(name, **kwargs)
         self._pipes[name] = pipe
         while len(self._pipes) > self.max_pipelines:
             self._pipes.popitem(last=False)
