@@ -243,3 +243,17 @@ def test_v_prediction_teacher_passes_to_students(tmp_path, synthetic):
     x = lcm.initial(torch.randn(2, 1, 32, 32), sigmas)
     assert torch.isfinite(distillpp.sample(lcm.denoiser, x, sigmas, sampler=lcm.sampler, extra_args=lcm.args([1, 2]),
                                            generator=torch.Generator().manual_seed(0))).all()
+
+
+def test_harness_samples_do_not_depend_on_the_batch_size():
+    """Each image has its own generator (issue: the demo's rows changed with --batch-size)."""
+    from distillpp.zoo.harness import Method, ModelCache, generate, initial_noise
+
+    models = ModelCache()
+    labels = torch.tensor([7, 8, 9, 0, 1])
+    noise = initial_noise(0, len(labels))
+    method = Method("lcm", guidance={"strength": 0.5, "guided_steps": 1})
+    a = generate(method, models, labels, noise, seed=3, batch_size=5)
+    b = generate(method, models, labels, noise, seed=3, batch_size=2)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.equal(generate(method, models, labels, noise, seed=4, batch_size=5), a)

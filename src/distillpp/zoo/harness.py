@@ -22,6 +22,7 @@ __all__ = [
     "initial_noise",
     "generate",
     "sample_forwards",
+    "image_seed",
 ]
 
 
@@ -156,6 +157,17 @@ def initial_noise(seed: int, n: int, shape: tuple[int, ...] = (1, 32, 32)) -> to
     return torch.randn((n, *shape), generator=g)
 
 
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image ``index``'s generator in a run seeded ``seed`` (sampler and guidance noise).
+
+    Mixed by numpy's ``SeedSequence`` into 32 bits: torch's CPU generator keys its stream on the low
+    32 bits of a seed only, so packing ``(seed, index)`` into one large integer would repeat streams.
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(index), 1_000_003]).generate_state(1)[0])
+
+
 def sample_forwards(method: Method, models: ModelCache) -> int:
     """Network evaluations per image (a CFG forward counts twice, K teacher draws K times)."""
     m = models[method.model]
@@ -189,7 +201,8 @@ def generate(
         labels: ``[N]`` class labels.
         noise: ``[N, C, H, W]`` unit Gaussian noise (see :func:`initial_noise`); scaled to the model's
             first sigma by ``model.initial``.
-        seed: seeds the sampler's generator (fresh noise of ancestral/consistency steps, re-noising).
+        seed: seeds each image's generator (:func:`image_seed`: fresh noise of ancestral/consistency
+            steps, re-noising), so a sample depends on its seed and index, not on ``batch_size``.
         batch_size: images per sampler call.
         progress: called with the number of images finished after each batch.
 
@@ -202,13 +215,14 @@ def generate(
     sigmas = model.sigmas(steps)
     teacher = models[method.teacher] if method.guidance else None
     guidance = method.build_guidance(teacher) if teacher is not None else None
-    generator = torch.Generator(device=device).manual_seed(int(seed) + 1_000_003)
     out = []
     for start in range(0, labels.shape[0], batch_size):
         y = labels[start : start + batch_size].to(device)
         x = model.initial(noise[start : start + batch_size].to(device), sigmas)
+        # One generator per image, seeded by (seed, image index): a sample does not depend on the batch size.
+        generators = [torch.Generator(device=device).manual_seed(image_seed(seed, start + k)) for k in range(len(y))]
         x = sample(
-            model.denoiser, x, sigmas, sampler=model.sampler, generator=generator,
+            model.denoiser, x, sigmas, sampler=model.sampler, generator=generators,
             extra_args=_with_cfg(model.args(y), cfg),
             teacher=teacher.denoiser if teacher is not None else None, guidance=guidance,
             teacher_args=teacher.args(y) if teacher is not None else None,
