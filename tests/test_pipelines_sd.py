@@ -605,3 +605,63 @@ def test_cli_generates_side_by_side_from_local_folders(offline, saved_models, tm
         assert Image.open(rec["image"]).size == (SIZE, SIZE)
         assert Image.open(rec["side_by_side"]).size == (2 * SIZE, SIZE)
     assert main(["--list-presets"]) == 0 and "sdxl-dmd2-4step" in capsys.readouterr().out
+
+
+def test_loading_a_preset_prints_no_torch_dtype_deprecation(offline, saved_models):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        from_preset("sd-turbo", base=str(saved_models / "sd-student"), teacher=str(saved_models / "sd-teacher"),
+                    torch_dtype=torch.float32)
+    assert not [w for w in seen if "torch_dtype" in str(w.message)]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--steps", "0"], ["--steps", ">= 1"]),
+    (["--strength", "2"], ["--strength", "[0, 1]"]),
+    (["--guided-steps", "9"], ["guided_steps", "[0, 4]"]),
+    (["--renoise", "later"], ["--renoise", "next"]),
+    (["--device", "cuda:0"], ["--device", "CUDA"]),
+    (["--batch-size", "0"], ["--batch-size", ">= 1"]),
+    (["--overrides", "/nonexistent.json"], ["overrides", "not readable"]),
+])
+def test_generate_checks_arguments_before_loading_any_weights(offline, capsys, tmp_path, monkeypatch, argv, words):
+    """Bad generate options fail in one line before any weights are looked up (the preset's are not even here)."""
+    import distillpp.pipelines.presets as presets
+    from distillpp.pipelines.cli import main
+
+    if "cuda" in " ".join(argv) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights were looked up before the arguments were checked")
+
+    monkeypatch.setattr(presets, "from_preset", no_loading)
+    base = ["--preset", "sdxl-lightning-4step", "--prompt", "a cat", "--out", str(tmp_path / "o")]
+    try:
+        code = main(base + argv)
+    except SystemExit as e:  # argparse's own type checks
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert all(w in err for w in words), err
+    assert len([line for line in err.strip().splitlines() if line.strip()]) <= 3
+
+
+def test_missing_weights_with_download_under_hf_hub_offline_says_why(offline, capsys, tmp_path):
+    from distillpp.pipelines.cli import main
+
+    code = main(["--preset", "sd-turbo", "--prompt", "a cat", "--download", "--device", "cpu",
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "HF_HUB_OFFLINE" in err and "pass --download" not in err
+
+
+def test_flow_pipeline_from_preset_exists_and_checks_the_family():
+    from distillpp.pipelines.flow import FlowDistillppPipeline
+
+    with pytest.raises(ValueError, match="sdxl preset"):
+        FlowDistillppPipeline.from_preset("sdxl-lightning-4step")
+    with pytest.raises(MissingWeightsError, match="FLUX.1-schnell"):
+        FlowDistillppPipeline.from_preset("flux-schnell")

@@ -53,6 +53,13 @@ SUBCOMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``distillpp <cmd>: error: ...`` (the usage is in ``--help``)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Each option's default stated once: appended unless its help already says it, or there is none to say."""
 
@@ -255,7 +262,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             full parser.
     """
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="distillpp",
         description="Inference-time teacher guidance for few-step distilled diffusion models (Distillation++).",
         epilog="'distillpp COMMAND --help' lists a command's options.",

@@ -212,7 +212,11 @@ def _check(args: argparse.Namespace) -> tuple[Any, list[str], list[int], str, di
     from .core import resolve_guidance
 
     knobs = {k: kw[k] for k in guidance_overrides(args)}
-    resolve_guidance(preset.guidance, **knobs)
+    g = resolve_guidance(preset.guidance, **knobs)
+    steps = kw.get("num_inference_steps") or preset.num_inference_steps
+    if g.guided_steps > steps:
+        raise ValueError(f"--guided-steps must be in [0, {steps}] (guided_steps cannot exceed the {steps} "
+                         f"sampling steps), got {g.guided_steps}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
@@ -306,7 +310,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m distillpp.pipelines.cli``."""
-    parser = add_arguments(argparse.ArgumentParser(prog="distillpp generate", description=__doc__.split("\n")[0]))
+    from ..cli import HelpFormatter, Parser
+
+    parser = add_arguments(Parser(prog="distillpp generate", description=__doc__.split("\n")[0],
+                                  formatter_class=HelpFormatter))
     return run(parser.parse_args(argv))
 
 
