@@ -38,6 +38,7 @@ __all__ = [
     "OUTPUT_TYPES",
     "COMPILE_MODES",
     "resolve_guidance",
+    "module_dtype",
     "check_generator",
 ]
 
@@ -62,6 +63,13 @@ class DistillppPipelineOutput(_BaseOutput):  # type: ignore[misc]
 
     images: Any
     nsfw_content_detected: list[bool] | None = None
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """A module's parameter dtype, read from its first parameter (diffusers' ``.dtype`` walks every submodule)."""
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
 
 
 def resolve_guidance(default: TeacherGuidance, guidance: Any = None, **overrides: Any) -> TeacherGuidance:

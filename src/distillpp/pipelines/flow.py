@@ -36,7 +36,7 @@ import torch
 from ..denoisers import CFGDenoiser, FlowDenoiser, transformer_fn
 from ..guidance import TeacherGuidance
 from ..schedules import FLOW_SIGMA_MAX, flow_sigmas, flow_time_shift_mu, flow_time_to_sigma, shift_flow_times
-from .core import Call, Conditioning, DiffusersFamily, GuidedPipeline
+from .core import Call, Conditioning, DiffusersFamily, GuidedPipeline, module_dtype
 from .noise import FlowNoise
 from .presets import Preset, register_family, register_preset
 from .weights import MissingWeightsError, WeightsRef, check_weights, loading_errors
@@ -267,7 +267,8 @@ class _TransformerFamily(DiffusersFamily):
 
     def __init__(self, pipe: Any, teacher: torch.nn.Module | None, options: Mapping[str, Any]):
         if flow_family(getattr(pipe, "transformer", None)) != self.name:
-            raise ValueError(f"pipe must be a {self.pipeline_name}, got a {type(pipe.transformer).__name__} transformer")
+            raise ValueError(f"pipe must be a {self.pipeline_name}, "
+                             f"got a {type(pipe.transformer).__name__} transformer")
         self.owner = pipe
         self.student_module = pipe.transformer
         self.teacher_module = teacher
@@ -388,11 +389,12 @@ class FluxFamily(_TransformerFamily):
     def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
         guidance = _flux_guidance(self.student_module, call.guidance_scale, "student")
         return CFGDenoiser(FlowDenoiser(self._conditioned(net, call, guidance), timestep_scale=1.0,
-                                        dtype=self.student_module.dtype))
+                                        dtype=module_dtype(self.student_module)))
 
     def teacher_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
         guidance = _flux_guidance(self.teacher_module, call.options["teacher_guidance"], "teacher")
-        inner = FlowDenoiser(self._conditioned(net, call, guidance), timestep_scale=1.0, dtype=self.teacher_module.dtype)
+        inner = FlowDenoiser(self._conditioned(net, call, guidance), timestep_scale=1.0,
+                             dtype=module_dtype(self.teacher_module))
         return CFGDenoiser(inner, call.state["teacher_cfg"])
 
     def check_pair(self) -> None:
@@ -459,10 +461,11 @@ class SD3Family(_TransformerFamily):
                                           call.width, dtype, self.device, call.generator, call.latents)
 
     def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
-        return CFGDenoiser(self.noise.denoiser(net, self.student_module.dtype), call.guidance_scale)
+        return CFGDenoiser(self.noise.denoiser(net, module_dtype(self.student_module)), call.guidance_scale)
 
     def teacher_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
-        return CFGDenoiser(self.noise.teacher_denoiser(net, self.teacher_module.dtype), call.state["teacher_cfg"])
+        inner = self.noise.teacher_denoiser(net, module_dtype(self.teacher_module))
+        return CFGDenoiser(inner, call.state["teacher_cfg"])
 
 
 _FAMILY_CLASSES = {"flux": FluxFamily, "sd3": SD3Family}

@@ -28,7 +28,7 @@ import torch
 
 from ..denoisers import CFGDenoiser, transformer_fn
 from ..guidance import TeacherGuidance
-from .core import Call, Conditioning, DiffusersFamily, GuidedPipeline
+from .core import Call, Conditioning, DiffusersFamily, GuidedPipeline, module_dtype
 from .noise import VPNoise
 from .presets import Preset, register_family, register_preset
 from .weights import WeightsRef, check_weights, from_pretrained_variant, loading_errors
@@ -121,7 +121,8 @@ class PixArtFamily(DiffusersFamily):
         def encode(negative: list[str] | None, with_uncond: bool) -> tuple[dict, dict | None]:
             e, mask, ne, nmask = self.owner.encode_prompt(
                 call.prompts, do_classifier_free_guidance=with_uncond,
-                negative_prompt=negative if negative is not None else "", num_images_per_prompt=call.num_images_per_prompt,
+                negative_prompt=negative if negative is not None else "",
+                num_images_per_prompt=call.num_images_per_prompt,
                 device=self.device, clean_caption=False, max_sequence_length=call.options["max_sequence_length"])
             micro = self._micro(call, e.shape[0], e.dtype)
             c = {"encoder_hidden_states": e, "encoder_attention_mask": mask, "added_cond_kwargs": micro}
@@ -142,11 +143,12 @@ class PixArtFamily(DiffusersFamily):
         return (call.batch, self.student_module.config.in_channels, call.height // f, call.width // f)
 
     def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
-        inner = self.noise.denoiser(net, self.student_module.dtype, learned_sigma=_learned_sigma(self.student_module))
+        inner = self.noise.denoiser(net, module_dtype(self.student_module),
+                                    learned_sigma=_learned_sigma(self.student_module))
         return CFGDenoiser(inner, call.guidance_scale)
 
     def teacher_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
-        inner = self.teacher_noise.teacher_denoiser(net, self.teacher_module.dtype,
+        inner = self.teacher_noise.teacher_denoiser(net, module_dtype(self.teacher_module),
                                                     learned_sigma=_learned_sigma(self.teacher_module))
         return CFGDenoiser(inner, call.state["teacher_cfg"])
 

@@ -18,7 +18,7 @@ from .. import zoo
 from ..denoisers import CFGDenoiser, unet_fn
 from ..diffusers_schedulers import scheduler_rule
 from ..guidance import TeacherGuidance
-from .core import Call, Conditioning, GuidedPipeline, ModelFamily
+from .core import Call, Conditioning, GuidedPipeline, ModelFamily, module_dtype
 from .noise import FlowNoise, VPNoise
 from .presets import Preset, register_family, register_preset
 
@@ -122,11 +122,11 @@ class ZooFamily(ModelFamily):
         return torch.randn(shape, generator=call.generator, device=where).cpu()
 
     def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
-        return CFGDenoiser(self.noise.denoiser(net, self.student_module.dtype))
+        return CFGDenoiser(self.noise.denoiser(net, module_dtype(self.student_module)))
 
     def teacher_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
         scale = call.state["teacher_cfg"]
-        return CFGDenoiser(self.teacher_noise.teacher_denoiser(net, self.teacher_module.dtype),
+        return CFGDenoiser(self.teacher_noise.teacher_denoiser(net, module_dtype(self.teacher_module)),
                            zoo.TEACHER_CFG if scale is None else scale)
 
     def decode(self, latents: torch.Tensor, call: Call) -> tuple[Any, Any]:
