@@ -144,7 +144,7 @@ def test_strength_zero_changes_nothing(backend):
 
 
 def test_python_code_reproduces_the_images(backend):
-    req = request(seeds="1, 4", per_step="0.6, 0.3", guided_steps=2, with_teacher=True, teacher_steps=5)
+    req = request(seeds="1, 4", per_step="0.6, 0.3", guided_steps=2, steps=5, with_teacher=True, teacher_steps=5)
     r = backend.generate_pair(req)
     namespace: dict = {}
     exec(compile(ui.python_code(req), "<ui python>", "exec"), namespace)
@@ -278,7 +278,8 @@ def test_browser_runs_a_zoo_preset(server, tmp_path):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else outside.append(r.url))
+            local = (server, "data:", "blob:")
+            page.on("request", lambda r: None if r.url.startswith(local) else outside.append(r.url))
             page.goto(server + "/")
             seeds = page.locator("#seeds textarea, #seeds input").first
             # A bad input shows a message in the page; the app then still samples.

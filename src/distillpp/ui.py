@@ -432,6 +432,7 @@ def python_code(req: Request, device: str = "cpu") -> str:
     if req.steps is not None:
         kw = {"num_inference_steps": req.steps, **kw}
     args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    steps = "" if req.steps is None else f"num_inference_steps={req.steps}, "
     lines = [
         "import torch",
         "from distillpp.pipelines import from_preset",
@@ -445,12 +446,13 @@ def python_code(req: Request, device: str = "cpu") -> str:
         textwrap.fill(f"prompts, generator=generators(), {args},", 88, initial_indent="    ",
                       subsequent_indent="    ", break_long_words=False),
         ").images",
-        "student = pipe(prompts, generator=generators(), strength=0.0).images  # no teacher call",
+        f"student = pipe(prompts, generator=generators(), {steps}strength=0.0).images  # no teacher call",
     ]
     teacher = teacher_preset(req.preset) if req.with_teacher else None
     if teacher:
-        steps = "" if req.teacher_steps is None else f", num_inference_steps={req.teacher_steps}"
-        lines.append(f"teacher = from_preset({teacher!r}, device={device!r})(prompts, generator=generators(){steps}).images")
+        t_steps = "" if req.teacher_steps is None else f", num_inference_steps={req.teacher_steps}"
+        lines += [f"teacher_pipe = from_preset({teacher!r}, device={device!r})",
+                  f"teacher = teacher_pipe(prompts, generator=generators(){t_steps}).images"]
     return "\n".join(lines + [""])
 
 
@@ -575,7 +577,8 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
                     w_renoise = gr.Radio(["next", "same", "random"], value=d["renoise"], label="Re-noise level")
                     w_noise = gr.Radio(["random", "deterministic", "hybrid"], value=d["noise"], label="Noise")
                     w_space = gr.Radio(["x0", "eps"], value=d["space"], label="Fusion space")
-                    w_cfg = gr.Number(d["teacher_cfg"], label="Teacher CFG", info="the teacher's CFG scale in the guided steps")
+                    w_cfg = gr.Number(d["teacher_cfg"], label="Teacher CFG",
+                                      info="the teacher's CFG scale in the guided steps")
                     w_samples = gr.Slider(1, 8, value=d["samples"], step=1, label="K teacher samples per step")
                 with gr.Row(visible=d["zoo"]) as w_teacher_row:
                     w_teacher = gr.Checkbox(True, label="Also show the teacher alone (its own sampler)", scale=2)
