@@ -306,6 +306,12 @@ class ModelFamily:
 class DiffusersFamily(ModelFamily):
     """A family whose student is a diffusers pipeline (``owner``): its text encoders and VAE serve the teacher too."""
 
+    def network(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        """A diffusers transformer as a network (timestep by keyword); UNet families override it."""
+        from ..denoisers import transformer_fn
+
+        return transformer_fn(module)
+
     def find_device(self) -> torch.device:
         return self.owner._execution_device
 
@@ -314,6 +320,30 @@ class DiffusersFamily(ModelFamily):
 
     def noise_dtype(self, cond: Conditioning) -> torch.dtype:
         return cond.student["cond"]["encoder_hidden_states"].dtype
+
+    def latent_shape(self, call: Call) -> tuple[int, ...]:
+        f = self.owner.vae_scale_factor
+        return (call.batch, self.student_module.config.in_channels, call.height // f, call.width // f)
+
+    @staticmethod
+    def cfg_conditioning(call: Call, student_cfg: bool, teacher: bool,
+                         encode: Callable[[list[str] | None, bool], tuple[dict, dict | None]]) -> Conditioning:
+        """Student and teacher conditioning with as few text-encoder passes as possible.
+
+        Args:
+            encode: ``encode(negative_prompts, with_uncond) -> (cond, uncond)`` (uncond ``None`` without).
+        """
+        teacher_cfg_on = teacher and call.state["teacher_cfg"] != 1.0
+        t_negative = call.teacher_negative if call.teacher_negative is not None else call.negative
+        # One encode gives cond and one uncond; a second only when student and teacher negatives differ.
+        cond, uncond = encode(call.negative if student_cfg else t_negative, student_cfg or teacher_cfg_on)
+        t_uncond = uncond
+        if student_cfg and teacher_cfg_on and t_negative != call.negative:
+            _, t_uncond = encode(t_negative, True)
+        student = {"cond": cond, "uncond": uncond, "cfg_scale": call.guidance_scale} if student_cfg else {"cond": cond}
+        if not teacher:
+            return Conditioning(student)
+        return Conditioning(student, {"cond": cond, "uncond": t_uncond} if teacher_cfg_on else {"cond": cond})
 
 
 class GuidedPipeline:

@@ -33,13 +33,13 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ..denoisers import CFGDenoiser, FlowDenoiser, transformer_fn
+from ..denoisers import CFGDenoiser, FlowDenoiser
 from ..guidance import TeacherGuidance
 from ..schedules import FLOW_SIGMA_MAX, flow_sigmas, flow_time_shift_mu, flow_time_to_sigma, shift_flow_times
 from .core import Call, Conditioning, DiffusersFamily, GuidedPipeline, module_dtype
 from .noise import FlowNoise
-from .presets import Preset, register_family, register_preset
-from .weights import MissingWeightsError, WeightsRef, check_weights, loading_errors
+from .presets import LoadOptions, Preset, register_family, register_preset
+from .weights import WeightsRef, check_weights, loading_errors
 
 __all__ = [
     "FLOW_FAMILIES",
@@ -279,9 +279,6 @@ class _TransformerFamily(DiffusersFamily):
     def _grid(self, n: int) -> torch.Tensor:  # the grid depends on the image size: see sigmas()
         raise NotImplementedError
 
-    def network(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
-        return transformer_fn(module)
-
     def check_pair(self) -> None:
         if self.teacher_module is not None:
             check_flow_pair(self.student_module, self.teacher_module)
@@ -439,22 +436,10 @@ class SD3Family(_TransformerFamily):
         return c, ({"encoder_hidden_states": ne, "pooled_projections": np_} if with_uncond else None)
 
     def encode(self, call: Call, student_cfg: bool, teacher: bool) -> Conditioning:
-        teacher_cfg_on = teacher and call.state["teacher_cfg"] != 1.0
-        t_negative = call.teacher_negative if call.teacher_negative is not None else call.negative
-        # One encode gives cond and one uncond; a second only when student and teacher negatives differ.
-        cond, uncond = self._encode(call, call.negative if student_cfg else t_negative, student_cfg or teacher_cfg_on)
-        t_uncond = uncond
-        if student_cfg and teacher_cfg_on and t_negative != call.negative:
-            _, t_uncond = self._encode(call, t_negative, True)
-        call.state["embeds_dtype"] = cond["encoder_hidden_states"].dtype
-        student = {"cond": cond, "uncond": uncond, "cfg_scale": call.guidance_scale} if student_cfg else {"cond": cond}
-        if not teacher:
-            return Conditioning(student)
-        return Conditioning(student, {"cond": cond, "uncond": t_uncond} if teacher_cfg_on else {"cond": cond})
-
-    def latent_shape(self, call: Call) -> tuple[int, ...]:
-        f = self.owner.vae_scale_factor
-        return (call.batch, self.student_module.config.in_channels, call.height // f, call.width // f)
+        cond = self.cfg_conditioning(call, student_cfg, teacher, lambda neg, with_uncond: self._encode(
+            call, neg, with_uncond))
+        call.state["embeds_dtype"] = cond.student["cond"]["encoder_hidden_states"].dtype
+        return cond
 
     def prepare_latents(self, call: Call, dtype: torch.dtype) -> torch.Tensor:
         return self.owner.prepare_latents(call.batch, self.student_module.config.in_channels, call.height,
@@ -601,36 +586,21 @@ _FLUX_FILES = ("model_index.json", "scheduler/*", "text_encoder/*", "text_encode
 _SD3_FILES = _FLUX_FILES + ("text_encoder_3/*", "tokenizer_3/*")
 
 
-def load_flow_preset(
-    preset: Preset,
-    base: str | None = None,
-    student: str | None = None,
-    teacher: str | None = None,
-    torch_dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    download: bool = False,
-    teacher_device: torch.device | str | None = None,
-    teacher_offload: str | None = None,
-    compile: str = "none",
-    **kwargs: Any,
-) -> FlowDistillppPipeline:
+def load_flow_preset(preset: Preset, opts: LoadOptions, **pipeline_kwargs: Any) -> FlowDistillppPipeline:
     """Loader of the ``flux`` and ``sd3`` preset families (see :func:`~distillpp.pipelines.from_preset`).
 
     Args:
         preset: the preset.
-        base, student: folder or id of the student pipeline (either name; overrides the preset's).
-        teacher: folder or id of the teacher (its ``transformer`` subfolder is loaded); ``"none"``: no teacher.
-        torch_dtype: e.g. ``torch.bfloat16``.
-        device, teacher_device, teacher_offload, compile: placement and acceleration.
-        download: allow downloads (default: local folders and the Hugging Face cache only).
-        **kwargs: pipeline defaults overriding the preset's (``num_inference_steps=``...).
+        opts: the :class:`~distillpp.pipelines.presets.LoadOptions`; ``base`` or ``student`` name the student
+            pipeline, ``teacher`` the teacher (its ``transformer`` subfolder is loaded; ``"none"``: no teacher).
+        **pipeline_kwargs: pipeline defaults overriding the preset's (``num_inference_steps=``...).
 
     Raises:
         MissingWeightsError: weights are missing or incomplete (the message says how to get them).
         ValueError: the teacher is not of the student's family or disagrees on shared dimensions.
     """
-    student_repo = student or base or preset.base
-    teacher_repo = preset.teacher if teacher is None else teacher
+    student_repo = opts.student or opts.base or preset.base
+    teacher_repo = preset.teacher if opts.teacher is None else opts.teacher
     if teacher_repo in ("none", ""):
         teacher_repo = None
     files = _FLUX_FILES if preset.family == "flux" else _SD3_FILES
@@ -638,7 +608,7 @@ def load_flow_preset(
     if teacher_repo is not None:
         refs.append(WeightsRef(teacher_repo, role="teacher transformer",
                                allow_patterns=("transformer/*", "model_index.json")))
-    paths = check_weights(refs, local_files_only=not download, what=f"preset {preset.name}")
+    paths = check_weights(refs, local_files_only=not opts.download, what=f"preset {preset.name}")
     extra = dict(preset.extra)
     defaults: dict[str, Any] = dict(
         guidance=preset.guidance, num_inference_steps=preset.num_inference_steps,
@@ -646,12 +616,13 @@ def load_flow_preset(
         max_sequence_length=extra.get("max_sequence_length", 256),
         teacher_guidance=extra.get("teacher_guidance", FLUX_DEV_GUIDANCE),
     )
-    defaults.update(kwargs)
+    defaults.update(pipeline_kwargs)
     with loading_errors(f"preset {preset.name!r}", paths.values(), refs):
         return FlowDistillppPipeline.from_pretrained(
-            paths[refs[0]], paths[refs[1]] if teacher_repo is not None else None, torch_dtype=torch_dtype,
-            device=device, teacher_device=teacher_device, teacher_offload=teacher_offload, compile=compile,
-            preset=preset, local_files_only=not download, **defaults,
+            paths[refs[0]], paths[refs[1]] if teacher_repo is not None else None, torch_dtype=opts.torch_dtype,
+            device=opts.device, teacher_device=opts.teacher_device, teacher_offload=opts.teacher_offload,
+            compile=opts.compile,
+            preset=preset, local_files_only=not opts.download, **defaults,
         )
 
 

@@ -26,11 +26,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..denoisers import CFGDenoiser, transformer_fn
+from ..denoisers import CFGDenoiser
 from ..guidance import TeacherGuidance
 from .core import Call, Conditioning, DiffusersFamily, GuidedPipeline, module_dtype
 from .noise import VPNoise
-from .presets import Preset, register_family, register_preset
+from .presets import LoadOptions, Preset, register_family, register_preset
 from .weights import WeightsRef, check_weights, from_pretrained_variant, loading_errors
 
 __all__ = ["PixArtFamily", "check_pixart_pair", "load_pixart_preset"]
@@ -89,9 +89,6 @@ class PixArtFamily(DiffusersFamily):
         self.options = {"max_sequence_length": max_sequence_length}
         self.size_multiple = pipe.vae_scale_factor * self.student_module.config.patch_size
 
-    def network(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
-        return transformer_fn(module)
-
     def check_pair(self) -> None:
         if self.teacher_module is not None:
             check_pixart_pair(self.student_module, self.teacher_module)
@@ -115,9 +112,6 @@ class PixArtFamily(DiffusersFamily):
         return {"resolution": res, "aspect_ratio": ratio}
 
     def encode(self, call: Call, student_cfg: bool, teacher: bool) -> Conditioning:
-        teacher_cfg_on = teacher and call.state["teacher_cfg"] != 1.0
-        t_negative = call.teacher_negative if call.teacher_negative is not None else call.negative
-
         def encode(negative: list[str] | None, with_uncond: bool) -> tuple[dict, dict | None]:
             e, mask, ne, nmask = self.owner.encode_prompt(
                 call.prompts, do_classifier_free_guidance=with_uncond,
@@ -129,18 +123,7 @@ class PixArtFamily(DiffusersFamily):
             u = {"encoder_hidden_states": ne, "encoder_attention_mask": nmask, "added_cond_kwargs": dict(micro)}
             return c, (u if with_uncond else None)
 
-        cond, uncond = encode(call.negative if student_cfg else t_negative, student_cfg or teacher_cfg_on)
-        t_uncond = uncond
-        if student_cfg and teacher_cfg_on and t_negative != call.negative:
-            _, t_uncond = encode(t_negative, True)
-        student = {"cond": cond, "uncond": uncond, "cfg_scale": call.guidance_scale} if student_cfg else {"cond": cond}
-        if not teacher:
-            return Conditioning(student)
-        return Conditioning(student, {"cond": cond, "uncond": t_uncond} if teacher_cfg_on else {"cond": cond})
-
-    def latent_shape(self, call: Call) -> tuple[int, ...]:
-        f = self.owner.vae_scale_factor
-        return (call.batch, self.student_module.config.in_channels, call.height // f, call.width // f)
+        return self.cfg_conditioning(call, student_cfg, teacher, encode)
 
     def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
         inner = self.noise.denoiser(net, module_dtype(self.student_module),
@@ -160,27 +143,13 @@ class PixArtFamily(DiffusersFamily):
         return self.owner.image_processor.postprocess(image, output_type=call.output_type), None
 
 
-def load_pixart_preset(
-    preset: Preset,
-    *,
-    base: str | None = None,
-    student: str | None = None,
-    teacher: str | None = None,
-    torch_dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    download: bool = False,
-    teacher_device: str | torch.device | None = None,
-    teacher_offload: str | None = None,
-    compile: str = "none",
-    **pipeline_kwargs: Any,
-) -> GuidedPipeline:
+def load_pixart_preset(preset: Preset, opts: LoadOptions, **pipeline_kwargs: Any) -> GuidedPipeline:
     """Load a PixArt preset: the student pipeline and only the teacher's transformer (and scheduler config).
 
     Args:
         preset: a ``pixart`` preset.
-        base, student: folder or id of the student pipeline (either name; overrides the preset's).
-        teacher: folder or id of the teacher pipeline (its ``transformer``/``scheduler`` subfolders are read).
-        torch_dtype, device, download, teacher_device, teacher_offload, compile: as for the other families.
+        opts: the :class:`~distillpp.pipelines.presets.LoadOptions`; ``base`` or ``student`` name the student
+            pipeline, ``teacher`` the teacher pipeline (its ``transformer``/``scheduler`` subfolders are read).
         **pipeline_kwargs: passed to the student pipeline's ``from_pretrained``.
 
     Raises:
@@ -189,26 +158,27 @@ def load_pixart_preset(
     import diffusers
 
     files = ("model_index.json", "scheduler/*", "text_encoder/*", "tokenizer/*", "transformer/*", "vae/*")
-    refs = [WeightsRef(student or base or preset.base, role="student pipeline", allow_patterns=files),
-            WeightsRef(teacher or preset.teacher, role="teacher transformer",
+    refs = [WeightsRef(opts.student or opts.base or preset.base, role="student pipeline", allow_patterns=files),
+            WeightsRef(opts.teacher or preset.teacher, role="teacher transformer",
                        allow_patterns=("transformer/*", "scheduler/*"))]
-    paths = check_weights(refs, local_files_only=not download, what=f"preset {preset.name!r}")
+    paths = check_weights(refs, local_files_only=not opts.download, what=f"preset {preset.name!r}")
     with loading_errors(f"preset {preset.name!r}", paths.values(), refs):
         pipe = from_pretrained_variant(diffusers.DiffusionPipeline.from_pretrained, paths[refs[0]], preset.variant,
-                                       dtype=torch_dtype, local_files_only=not download, **pipeline_kwargs)
+                                       dtype=opts.torch_dtype, local_files_only=not opts.download, **pipeline_kwargs)
         teacher_model = diffusers.PixArtTransformer2DModel.from_pretrained(
-            paths[refs[1]], subfolder="transformer", dtype=torch_dtype, local_files_only=not download)
+            paths[refs[1]], subfolder="transformer", dtype=opts.torch_dtype, local_files_only=not opts.download)
         teacher_sched = diffusers.DDPMScheduler.load_config(paths[refs[1]], subfolder="scheduler",
-                                                            local_files_only=not download)
+                                                            local_files_only=not opts.download)
     import diffusers as d
 
     pipe.scheduler = getattr(d, preset.scheduler).from_config(pipe.scheduler.config, **dict(preset.scheduler_config))
-    if device is not None:
-        pipe.to(device)
-        if teacher_device is None and teacher_offload is None:
-            teacher_model.to(device)
+    if opts.device is not None:
+        pipe.to(opts.device)
+        if opts.teacher_device is None and opts.teacher_offload is None:
+            teacher_model.to(opts.device)
     return GuidedPipeline(PixArtFamily(pipe, teacher_model, teacher_sched), preset=preset,
-                          teacher_device=teacher_device, teacher_offload=teacher_offload, compile=compile)
+                          teacher_device=opts.teacher_device, teacher_offload=opts.teacher_offload,
+                          compile=opts.compile)
 
 
 register_family("pixart", load_pixart_preset)

@@ -33,6 +33,7 @@ __all__ = [
     "FAMILY_MODULES",
     "load_overrides",
     "OVERRIDABLE",
+    "LoadOptions",
 ]
 
 
@@ -113,6 +114,30 @@ class Preset:
         return replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """The loader options every family takes (see :func:`from_preset`).
+
+    Attributes:
+        base, student, teacher: local folders/files or Hugging Face ids overriding the preset's weights.
+        torch_dtype: weights dtype (e.g. ``torch.float16``); samples stay float32.
+        device: where the student runs.
+        download: allow downloads (default: local folders and the Hugging Face cache only).
+        teacher_device: run a separate teacher on another device; teacher_offload: ``"cpu"`` offloading.
+        compile: ``"none"``, ``"graphs"`` or ``"inductor"`` (the GPU fast path).
+    """
+
+    base: str | None = None
+    student: str | None = None
+    teacher: str | None = None
+    torch_dtype: Any = None
+    device: Any = None
+    download: bool = False
+    teacher_device: Any = None
+    teacher_offload: str | None = None
+    compile: str = "none"
+
+
 PRESETS: dict[str, Preset] = {}
 
 # family -> module that registers its loader (imported on first use).
@@ -144,7 +169,7 @@ def register_preset(preset: Preset, overwrite: bool = False) -> Preset:
 
 
 def register_family(family: str, loader: Callable[..., Any]) -> None:
-    """Register ``loader(preset, **kwargs) -> pipeline`` for a model family."""
+    """Register ``loader(preset, opts: LoadOptions, **family_kwargs) -> pipeline`` for a model family."""
     _LOADERS[family] = loader
 
 
@@ -234,4 +259,5 @@ def from_preset(name: str | Preset, overrides: str | os.PathLike | Mapping[str, 
         _import_families()
     if preset.family not in _LOADERS:
         raise ValueError(f"no loader registered for family {preset.family!r} (preset {preset.name!r})")
-    return _LOADERS[preset.family](preset, **kwargs)
+    opts = LoadOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in LoadOptions.__dataclass_fields__})
+    return _LOADERS[preset.family](preset, opts, **kwargs)

@@ -17,7 +17,7 @@ is fp16, so images differ by fp16 rounding).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -25,10 +25,9 @@ from ..denoisers import CFGDenoiser, lcm_guidance_embedding, unet_fn
 from ..diffusers_schedulers import SCHEDULERS, scheduler_config
 from ..guidance import TeacherGuidance
 from .core import Call, Conditioning, DiffusersFamily, GuidedPipeline, module_dtype
-from .noise import PREDICTION_TYPES, VPNoise, _check_prediction
-from .presets import Preset, register_family, register_preset
+from .noise import VPNoise, _check_prediction
+from .presets import LoadOptions, Preset, register_family, register_preset
 from .weights import (
-    MissingWeightsError,
     WeightsRef,
     check_weights,
     from_pretrained_variant,
@@ -206,10 +205,6 @@ class SDFamily(DiffusersFamily):
             t_uncond = uncond if same_negative else self._encode(call, call.teacher_negative, True)[1]
         return Conditioning(student, {"cond": cond, "uncond": t_uncond})
 
-    def latent_shape(self, call: Call) -> tuple[int, ...]:
-        f = self.owner.vae_scale_factor
-        return (call.batch, self.student_module.config.in_channels, call.height // f, call.width // f)
-
     def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
         return CFGDenoiser(self.noise.denoiser(net, module_dtype(self.student_module)))
 
@@ -291,31 +286,15 @@ def _unet_from_file(like: Any, path: str, dtype: torch.dtype) -> Any:
     return unet.to(dtype=dtype)
 
 
-def load_sd_preset(
-    preset: Preset,
-    *,
-    base: str | None = None,
-    student: str | None = None,
-    teacher: str | None = None,
-    torch_dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    download: bool = False,
-    teacher_device: str | torch.device | None = None,
-    teacher_offload: str | None = None,
-    unfuse: bool = False,
-    compile: str = "none",
-    **pipeline_kwargs: Any,
-) -> DistillppPipeline:
+def load_sd_preset(preset: Preset, opts: LoadOptions, unfuse: bool = False,
+                   **pipeline_kwargs: Any) -> DistillppPipeline:
     """Load an SD1.5/SD2/SDXL preset (see :func:`distillpp.pipelines.from_preset`).
 
     Args:
         preset: the preset.
-        base, student, teacher: local folders/files or Hugging Face ids overriding the preset's.
-        torch_dtype: weights dtype (e.g. ``torch.float16``).
-        device: move the pipeline there.
-        download: allow downloads (default: local folders and the Hugging Face cache only, so a missing
-            model fails at once instead of waiting on the network).
-        teacher_device, teacher_offload, unfuse, compile: see :class:`DistillppPipeline`.
+        opts: the :class:`~distillpp.pipelines.presets.LoadOptions` (weights overrides, dtype, device,
+            downloads, teacher placement, compile).
+        unfuse: see :class:`DistillppPipeline`.
         **pipeline_kwargs: passed to the base pipeline's ``from_pretrained`` (e.g. ``safety_checker=None``).
 
     Raises:
@@ -323,25 +302,25 @@ def load_sd_preset(
     """
     import diffusers
 
-    if preset.teacher == "adapter-off" and teacher is not None:
+    if preset.teacher == "adapter-off" and opts.teacher is not None:
         raise ValueError(f"preset {preset.name} uses the student's own UNet as teacher; teacher= does not apply")
-    local_only = not download
+    local_only = not opts.download
     weights = f"*/*.{preset.variant}.safetensors" if preset.variant else "*/*.safetensors"
     role = "student pipeline" if preset.student_kind == "pipeline" else "base pipeline (text encoders, VAE, teacher)"
-    base_ref = WeightsRef(base or preset.base, role=role, allow_patterns=("*.json", "*.txt", weights))
+    base_ref = WeightsRef(opts.base or preset.base, role=role, allow_patterns=("*.json", "*.txt", weights))
     refs = [base_ref]
-    student_ref = override_ref(preset.student, student) if preset.student is not None else None
+    student_ref = override_ref(preset.student, opts.student) if preset.student is not None else None
     if student_ref is not None:
         refs.append(student_ref)
     teacher_ref = None
-    if preset.teacher not in ("adapter-off", "base") or teacher is not None:
-        teacher_ref = WeightsRef(teacher or (preset.base if preset.teacher == "base" else preset.teacher),
+    if preset.teacher not in ("adapter-off", "base") or opts.teacher is not None:
+        teacher_ref = WeightsRef(opts.teacher or (preset.base if preset.teacher == "base" else preset.teacher),
                                  role="teacher (its unet/ and scheduler/ folders)",
                                  allow_patterns=("unet/config.json", "unet/*.safetensors", "scheduler/*"))
         refs.append(teacher_ref)
     paths = check_weights(refs, local_files_only=local_only, what=f"preset {preset.name!r}")
 
-    common = {"dtype": torch_dtype, "local_files_only": local_only}
+    common = {"dtype": opts.torch_dtype, "local_files_only": local_only}
     with loading_errors(f"preset {preset.name!r}", paths.values(), refs):
         pipe = from_pretrained_variant(_pipeline_class(preset.family).from_pretrained, paths[base_ref],
                                        preset.variant, **common, **pipeline_kwargs)
@@ -361,7 +340,7 @@ def load_sd_preset(
         elif preset.student_kind == "unet":
             upath = paths[student_ref]
             if os.path.isfile(upath):
-                unet = _unet_from_file(pipe.unet, upath, torch_dtype or pipe.unet.dtype)
+                unet = _unet_from_file(pipe.unet, upath, opts.torch_dtype or pipe.unet.dtype)
             else:
                 unet = from_pretrained_variant(diffusers.UNet2DConditionModel.from_pretrained, upath, preset.variant,
                                                subfolder=student_ref.subfolder, **common)
@@ -374,13 +353,14 @@ def load_sd_preset(
             teacher_sched = diffusers.DDPMScheduler.load_config(tpath, subfolder="scheduler",
                                                                 local_files_only=local_only)
     pipe.scheduler = student_scheduler(preset, base_scheduler)
-    if device is not None:
-        pipe.to(device)
-        if not isinstance(teacher_model, str) and teacher_device is None and teacher_offload is None:
-            teacher_model.to(device)
+    if opts.device is not None:
+        pipe.to(opts.device)
+        if not isinstance(teacher_model, str) and opts.teacher_device is None and opts.teacher_offload is None:
+            teacher_model.to(opts.device)
     return DistillppPipeline(pipe, teacher_model, teacher_sched, preset=preset, unfuse=unfuse,
                              eta=preset.extra.get("eta"),
-                             teacher_device=teacher_device, teacher_offload=teacher_offload, compile=compile)
+                             teacher_device=opts.teacher_device, teacher_offload=opts.teacher_offload,
+                             compile=opts.compile)
 
 
 def _pipeline_class(family: str) -> Any:

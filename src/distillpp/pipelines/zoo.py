@@ -20,7 +20,7 @@ from ..diffusers_schedulers import scheduler_rule
 from ..guidance import TeacherGuidance
 from .core import Call, Conditioning, GuidedPipeline, ModelFamily, module_dtype
 from .noise import FlowNoise, VPNoise
-from .presets import Preset, register_family, register_preset
+from .presets import LoadOptions, Preset, register_family, register_preset
 
 __all__ = ["ZooFamily", "load_zoo_preset", "class_label"]
 
@@ -143,40 +143,29 @@ class ZooFamily(ModelFamily):
         return [Image.fromarray((a[..., 0] * 255).round().astype(np.uint8), mode="L") for a in array], None
 
 
-def load_zoo_preset(
-    preset: Preset,
-    *,
-    device: str | torch.device | None = None,
-    torch_dtype: torch.dtype | None = None,
-    models_dir: Any = None,
-    base: str | None = None,
-    student: str | None = None,
-    teacher: str | None = None,
-    download: bool = False,
-    **pipeline_kwargs: Any,
-) -> GuidedPipeline:
+def load_zoo_preset(preset: Preset, opts: LoadOptions, models_dir: Any = None,
+                    **pipeline_kwargs: Any) -> GuidedPipeline:
     """Load a zoo preset (offline: the weights ship with the package).
 
     Args:
         preset: a ``zoo-*`` preset.
-        device: where the models run (default CPU).
-        torch_dtype: network dtype (default float32; samples stay float32).
+        opts: the :class:`~distillpp.pipelines.presets.LoadOptions` (``device``: default CPU; ``torch_dtype``:
+            default float32; ``base``/``student``/``teacher`` are refused: the weights ship with the package;
+            ``download`` is ignored).
         models_dir: a folder of retrained zoo models instead of the shipped ones.
-        base, student, teacher: not used by the zoo (its weights ship with the package); refused if given.
-        download: ignored (nothing to download).
-        **pipeline_kwargs: :class:`~distillpp.pipelines.GuidedPipeline` options (``compile=``,
-            ``teacher_device=``...).
+        **pipeline_kwargs: :class:`~distillpp.pipelines.GuidedPipeline` options.
     """
-    for name, value in (("base", base), ("student", student), ("teacher", teacher)):
+    for name, value in (("base", opts.base), ("student", opts.student), ("teacher", opts.teacher)):
         if value is not None:
             raise ValueError(f"{name}= does not apply to zoo presets (their weights ship with distillpp); "
                              "pass models_dir= for retrained zoo models")
-    dtype = torch_dtype or torch.float32
-    device = device or "cpu"
+    dtype = opts.torch_dtype or torch.float32
+    device = opts.device or "cpu"
     student = zoo.load(preset.base, device=device, dtype=dtype, models_dir=models_dir)
     teacher = zoo.load(preset.teacher, device=device, dtype=dtype, models_dir=models_dir) \
         if preset.teacher != "none" else None
-    return GuidedPipeline(ZooFamily(student, teacher, models_dir), preset=preset, **pipeline_kwargs)
+    return GuidedPipeline(ZooFamily(student, teacher, models_dir), preset=preset, teacher_device=opts.teacher_device,
+                          teacher_offload=opts.teacher_offload, compile=opts.compile, **pipeline_kwargs)
 
 
 register_family("zoo", load_zoo_preset)
