@@ -218,3 +218,13 @@ def test_step_guide_fuses_once_per_guided_grid_sigma(sd, kind):
         x_ve = x0_s + sigmas_ve[i + 1] * (x_ve - x0_s) / sigmas_ve[i]
     assert core.step_index(0.123, [1.0, 0.5, 0.0]) is None and core.step_index(0.5, [1.0, 0.5, 0.0]) == 1
     assert not math.isnan(float(sigmas_ve[0]))
+
+
+def test_step_guide_reports_a_non_finite_teacher_after_the_run():
+    sigmas = core.preset_sigmas("flux-schnell", 4)
+    guide = core.StepGuide(distillpp.TeacherGuidance(strength=0.5, guided_steps=1), lambda x, s: x * float("nan"),
+                           sigmas, "flow")
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    guide(x, sigmas[0].expand(2), torch.zeros(2, 3))
+    with pytest.raises(distillpp.NonFiniteError, match="teacher"):
+        guide.finish()

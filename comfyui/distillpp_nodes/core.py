@@ -364,6 +364,13 @@ class StepGuide:
         x0, _ = self.guide(i, x_ve, x0_student.to(x_ve.dtype))
         return x0.to(x0_student.dtype)
 
+    def finish(self) -> None:
+        """After the run: raise :class:`distillpp.NonFiniteError` if a guided call saw NaN/Inf.
+
+        The guide keeps its finiteness flags on the device and is read once per run (no per-step sync).
+        """
+        self.guide.raise_if_non_finite()
+
 
 def run_sampler(
     sampler: str,

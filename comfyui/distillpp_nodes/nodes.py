@@ -127,8 +127,11 @@ class TeacherGuider(comfy.samplers.CFGGuider):
             if not isinstance(sampler, DistillppSamplerObject):
                 self._step_guide = core.StepGuide(self.guidance, self.teacher_denoiser(), sigmas,
                                                   self.student_kind(), generator)
-            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
-                                        disable_pbar, seed)
+            out = super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                       disable_pbar, seed)
+            if self._step_guide is not None:
+                self._step_guide.finish()
+            return out
         finally:
             self._step_guide = None
             if not self.shares_weights:
