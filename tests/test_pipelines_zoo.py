@@ -46,6 +46,7 @@ def test_zoo_presets_and_prompts():
         class_label("a red fox")
     pipe = from_preset("zoo-lcm")
     assert pipe.has_teacher and pipe.sampler == "consistency" and pipe.guidance.strength == 0.75
+    torch.testing.assert_close(pipe.sigmas(), zoo.load("lcm").sigmas())
     images = pipe(["Trouser", "Sandal"], generator=gen(), output_type="pil").images
     assert [im.size for im in images] == [(28, 28)] * 2 and images[0].mode == "L"
     with pytest.raises(ValueError, match="height and width must be 28"):

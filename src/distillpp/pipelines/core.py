@@ -465,7 +465,7 @@ class GuidedPipeline:
         """The student's sigma grid for these settings (default: the pipeline's), equal to its scheduler's."""
         dh, dw = self.family.default_size()
         call = self._call("x", None, None, num_inference_steps, timesteps, None, self.height or dh,
-                          self.width or dw, 1, None, None, "latent", {})
+                          self.width or dw, 1, None, None, "latent", {}, check_family=False)
         return self.family.sigmas(call)
 
     # Preset families a subclass loads (``DistillppPipeline``: SD; empty: any).
@@ -490,7 +490,8 @@ class GuidedPipeline:
 
     def _call(self, prompt: Any, negative_prompt: Any, teacher_negative_prompt: Any, num_inference_steps: Any,
               timesteps: Any, guidance_scale: Any, height: Any, width: Any, num_images_per_prompt: Any,
-              generator: Any, latents: Any, output_type: Any, options: dict[str, Any]) -> Call:
+              generator: Any, latents: Any, output_type: Any, options: dict[str, Any],
+              check_family: bool = True) -> Call:
         prompts = _as_list(prompt, "prompt")
         if prompts is None:
             raise ValueError("prompt must be a non-empty string or list of strings, got None")
@@ -527,7 +528,8 @@ class GuidedPipeline:
                     tuple(timesteps) if timesteps is not None else None, float(scale), generator, latents,
                     output_type, opts)
         check_generator(generator, call.batch)
-        self.family.check_options(call)
+        if check_family:  # prompts and family options (not needed to ask for the grid)
+            self.family.check_options(call)
         return call
 
     @torch.no_grad()
