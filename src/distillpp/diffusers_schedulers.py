@@ -51,6 +51,9 @@ class SchedulerRule:
         sampler_kwargs: ``sampler_kwargs(config) -> dict`` of solver knobs (``eta``, ``gamma``...).
         refused: ``(option, supported value)`` pairs; any other value raises.
         warn_ignored: options that are accepted but ignored (with a warning) when true.
+        eta: the sampler keyword that diffusers' ``eta`` call argument sets (DDIM's ``eta``, TCD's
+            ``gamma``), or ``None`` where the step has no such knob (Euler, LCM).
+        eta_default: the value diffusers' pipelines pass when the user gives none.
     """
 
     name: str
@@ -63,6 +66,15 @@ class SchedulerRule:
     sampler_kwargs: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda cfg: {}
     refused: tuple[tuple[str, Any], ...] = ()
     warn_ignored: tuple[str, ...] = field(default=())
+    eta: str | None = None
+    eta_default: float | None = None
+
+    def eta_kwargs(self, eta: float | None) -> dict[str, Any]:
+        """The sampler keyword for diffusers' ``eta`` (``{}`` where the sampler has none)."""
+        if self.eta is None:
+            return {}
+        value = self.eta_default if eta is None else eta
+        return {} if value is None else {self.eta: value}
 
     def check(self, config: Mapping[str, Any]) -> None:
         """Raise a ValueError naming the first refused option the config sets."""
@@ -157,6 +169,7 @@ for _name, _sampler in (("EulerDiscreteScheduler", "euler"), ("EulerAncestralDis
     register_scheduler(SchedulerRule(
         name=_name, noise="vp", sampler=_sampler, grid=_euler_grid, initial=_euler_initial,
         quantize=_euler_quantize, refused=_EULER_REFUSED, warn_ignored=("thresholding",),
+        eta="eta" if _sampler == "euler_ancestral" else None,
     ))
 del _name, _sampler
 
@@ -164,7 +177,7 @@ register_scheduler(SchedulerRule(
     name="DDIMScheduler", noise="vp", sampler="ddim",
     grid=lambda cfg, n, **_: schedules.ddim_sigmas(_vp(cfg), n, timestep_spacing=cfg.get("timestep_spacing", "leading"),
                                                    steps_offset=cfg.get("steps_offset", 0)),
-    initial=lambda cfg: "vp", refused=_VP_REFUSED, warn_ignored=("clip_sample", "thresholding"),
+    initial=lambda cfg: "vp", refused=_VP_REFUSED, warn_ignored=("clip_sample", "thresholding"), eta="eta",
 ))
 
 
@@ -186,6 +199,7 @@ register_scheduler(SchedulerRule(
         schedules.timestep_sigmas(_vp(cfg), timesteps) if timesteps is not None
         else schedules.tcd_sigmas(_vp(cfg), n, cfg.get("original_inference_steps", 50))),
     initial=lambda cfg: "vp", refused=_VP_REFUSED, warn_ignored=("clip_sample", "thresholding"),
+    eta="gamma", eta_default=0.0,  # diffusers' pipelines pass eta=0.0 unless told otherwise
 ))
 
 

@@ -155,17 +155,9 @@ class SDFamily(DiffusersFamily):
         return call.guidance_scale > 1 and self.lcm_embedding_dim is None
 
     def sampler(self, call: Call) -> tuple[str, dict[str, Any]]:
-        """The scheduler's sampler; diffusers' ``eta`` is DDIM's eta and TCD's gamma (Euler: not used)."""
+        """The scheduler's sampler, with diffusers' ``eta`` where the step has one (DDIM, TCD's gamma)."""
         name, kwargs = super().sampler(call)
-        eta = call.options.get("eta")
-        if eta is not None:
-            if name in ("ddim", "euler_ancestral"):
-                kwargs["eta"] = eta
-            elif name == "tcd":
-                kwargs["gamma"] = eta
-        elif name == "tcd":
-            kwargs["gamma"] = 0.0  # diffusers' pipelines pass eta=0.0 unless told otherwise
-        return name, kwargs
+        return name, {**kwargs, **self.noise.rule.eta_kwargs(call.options.get("eta"))}
 
     def _encode(self, call: Call, negative: list[str] | None, do_cfg: bool) -> tuple[dict, dict | None]:
         """``(cond, uncond)`` UNet keyword arguments for the batch (uncond ``None`` without CFG)."""
