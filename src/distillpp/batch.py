@@ -420,13 +420,11 @@ def describe_preset(preset: str, overrides: dict | None = None) -> Any:
     """
     from types import SimpleNamespace
 
-    from .pipelines.presets import get_preset, load_overrides
+    from .pipelines.presets import apply_overrides, get_preset
 
     p = get_preset(preset)
     if overrides is not None:
-        data = load_overrides(overrides)
-        data.pop("preset", None)
-        p = p.with_overrides(**data)
+        p = apply_overrides(p, overrides)
     return SimpleNamespace(preset=p, guidance=p.guidance, has_teacher=p.teacher != "none")
 
 

@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from ..cli import HelpFormatter, Parser, add_seeds_argument, finite_float, int_at_least
+
 __all__ = ["add_arguments", "add_guidance_arguments", "guidance_overrides", "run", "main", "parse_strength",
            "call_kwargs", "image_generators"]
 
@@ -28,17 +30,6 @@ DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16
           "fp32": "float32", "float32": "float32"}
 COMPILE_CHOICES = ("auto", "none", "graphs", "inductor")
 
-
-def _int_at_least(minimum: int) -> Any:
-    from ..cli import int_at_least
-
-    return int_at_least(minimum)
-
-
-def _number(text: str) -> float:
-    from ..cli import finite_float
-
-    return finite_float(text)
 
 
 def parse_strength(value: str) -> float | list[float]:
@@ -65,17 +56,17 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("teacher guidance (default: the preset's values)")
     g.add_argument("--strength", type=parse_strength, default=None, metavar="LAM[,LAM...]",
                    help="teacher weight lam in [0, 1]; a comma list gives one value per guided step; 0 = plain student")
-    g.add_argument("--guided-steps", type=_int_at_least(0), default=None, metavar="N",
+    g.add_argument("--guided-steps", type=int_at_least(0), default=None, metavar="N",
                    help="how many leading student steps the teacher guides")
     g.add_argument("--renoise", choices=RENOISE, default=None,
                    help="teacher noise level: next (the paper's s = t - dt), same (s = t), random")
     g.add_argument("--noise", choices=NOISE, default=None,
                    help="re-noising direction: fresh noise, the student's own direction, or a mix")
     g.add_argument("--space", choices=SPACE, default=None, help="fusion space of student and teacher estimates")
-    g.add_argument("--teacher-cfg", type=_number, default=None, metavar="W", help="the teacher's CFG scale")
-    g.add_argument("--samples", type=_int_at_least(1), default=None, metavar="K",
+    g.add_argument("--teacher-cfg", type=finite_float, default=None, metavar="W", help="the teacher's CFG scale")
+    g.add_argument("--samples", type=int_at_least(1), default=None, metavar="K",
                    help="teacher re-noise draws averaged per guided step (one batched forward)")
-    g.add_argument("--noise-mix", type=_number, default=None, metavar="F",
+    g.add_argument("--noise-mix", type=finite_float, default=None, metavar="F",
                    help="weight of fresh noise in --noise hybrid, in [0, 1]")
     g.add_argument("--overrides", default=None, metavar="FILE",
                    help="preset-override JSON (e.g. written by distillpp tune); flags above still win")
@@ -114,20 +105,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prompt-file", help="text file with one prompt per line")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (student CFG and teacher CFG)")
     g.add_argument("--teacher-negative-prompt", default=None, help="negative prompt for the teacher only")
-    from ..cli import add_seeds_argument
-
     add_seeds_argument(g, [0], "image i of a prompt uses seed + i")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=1, metavar="N",
+    g.add_argument("--batch-size", type=int_at_least(1), default=1, metavar="N",
                    help="images per prompt and seed, sampled in one batch")
-    g.add_argument("--height", type=_int_at_least(1), default=None, help="image height in pixels")
-    g.add_argument("--width", type=_int_at_least(1), default=None, help="image width in pixels")
+    g.add_argument("--height", type=int_at_least(1), default=None, help="image height in pixels")
+    g.add_argument("--width", type=int_at_least(1), default=None, help="image width in pixels")
     g.add_argument("--out", default="distillpp-out", help="output folder")
     g.add_argument("--side-by-side", action="store_true",
                    help="also sample the plain student with the same seeds and save a student | guided image")
 
     g = parser.add_argument_group("student sampling (default: the preset's values)")
-    g.add_argument("--steps", type=_int_at_least(1), default=None, metavar="N", help="student sampling steps")
-    g.add_argument("--guidance-scale", type=_number, default=None, metavar="W",
+    g.add_argument("--steps", type=int_at_least(1), default=None, metavar="N", help="student sampling steps")
+    g.add_argument("--guidance-scale", type=finite_float, default=None, metavar="W",
                    help="the student's own CFG scale (LCM: its guidance embedding)")
     add_guidance_arguments(parser)
     return parser
@@ -188,11 +177,9 @@ def _save_atomic(image: Any, path: str) -> None:
 
 def _check(args: argparse.Namespace) -> tuple[Any, list[str], list[int], str, dict[str, Any]]:
     """Every check that needs no weights: returns the preset, prompts, seeds, device and call kwargs."""
-    import dataclasses
-
     import torch
 
-    from .presets import get_preset, load_overrides
+    from .presets import apply_overrides, get_preset
 
     if not args.preset:
         raise ValueError("--preset is required (see --list-presets)")
@@ -202,11 +189,7 @@ def _check(args: argparse.Namespace) -> tuple[Any, list[str], list[int], str, di
         raise ValueError("give at least one --prompt or a --prompt-file")
     seeds = list(args.seeds)
     if args.overrides is not None:
-        data = load_overrides(args.overrides)
-        made_for = data.pop("preset", None)
-        if made_for is not None and made_for != preset.name:
-            raise ValueError(f"--overrides were made for preset {made_for!r}, not {preset.name!r}")
-        preset = preset.with_overrides(**data)
+        preset = apply_overrides(preset, args.overrides)
     kw = call_kwargs(args)
     # Build the call's guidance now, so a bad knob fails before the weights load.
     from .core import resolve_guidance
@@ -228,7 +211,7 @@ def _check(args: argparse.Namespace) -> tuple[Any, list[str], list[int], str, di
         raise ValueError(f"--teacher-device {args.teacher_device} needs CUDA, which this machine does not have")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} exists and is not a folder")
-    return dataclasses.replace(preset), prompts, seeds, device, kw
+    return preset, prompts, seeds, device, kw
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,8 +293,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m distillpp.pipelines.cli``."""
-    from ..cli import HelpFormatter, Parser
-
     parser = add_arguments(Parser(prog="distillpp generate", description=__doc__.split("\n")[0],
                                   formatter_class=HelpFormatter))
     return run(parser.parse_args(argv))

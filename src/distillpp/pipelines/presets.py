@@ -32,6 +32,7 @@ __all__ = [
     "from_preset",
     "FAMILY_MODULES",
     "load_overrides",
+    "apply_overrides",
     "OVERRIDABLE",
     "LoadOptions",
 ]
@@ -232,6 +233,19 @@ def load_overrides(overrides: str | os.PathLike | Mapping[str, Any]) -> dict[str
     return data
 
 
+def apply_overrides(preset: Preset, overrides: str | os.PathLike | Mapping[str, Any]) -> Preset:
+    """``preset`` with a preset-override file (or mapping) applied (see :func:`load_overrides`).
+
+    Raises:
+        ValueError: the file names another preset, or has unknown fields or invalid values.
+    """
+    data = load_overrides(overrides)
+    made_for = data.pop("preset", None)
+    if made_for is not None and made_for != preset.name:
+        raise ValueError(f"overrides were made for preset {made_for!r}, not {preset.name!r}")
+    return preset.with_overrides(**data)
+
+
 def from_preset(name: str | Preset, overrides: str | os.PathLike | Mapping[str, Any] | None = None,
                 **kwargs: Any) -> Any:
     """Load the pipeline of a preset with its family's loader.
@@ -250,11 +264,7 @@ def from_preset(name: str | Preset, overrides: str | os.PathLike | Mapping[str, 
     """
     preset = get_preset(name) if isinstance(name, str) else name
     if overrides is not None:
-        data = load_overrides(overrides)
-        made_for = data.pop("preset", None)
-        if made_for is not None and made_for != preset.name:
-            raise ValueError(f"overrides were made for preset {made_for!r}, not {preset.name!r}")
-        preset = preset.with_overrides(**data)
+        preset = apply_overrides(preset, overrides)
     if preset.family not in _LOADERS:
         _import_families()
     if preset.family not in _LOADERS:
