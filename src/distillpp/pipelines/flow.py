@@ -274,10 +274,7 @@ class _TransformerFamily(DiffusersFamily):
         self.teacher_module = teacher
         self.teacher_kind = "separate" if teacher is not None else "none"
         self.options = dict(options)
-        self.noise = FlowNoise(grid=self._grid, timestep_scale=self.timestep_scale)
-
-    def _grid(self, n: int) -> torch.Tensor:  # the grid depends on the image size: see sigmas()
-        raise NotImplementedError
+        self.noise = FlowNoise(timestep_scale=self.timestep_scale)  # the grid depends on the size: sigmas()
 
     def check_pair(self) -> None:
         if self.teacher_module is not None:
@@ -290,6 +287,17 @@ class _TransformerFamily(DiffusersFamily):
     @property
     def size_multiple(self) -> int:  # type: ignore[override]
         return self.owner.vae_scale_factor * self.patch
+
+    def _seq_len(self, call: Call) -> int:
+        """Image tokens (FLUX: packed 2x2 latent patches; SD3: patches): its grid is shifted by them."""
+        m = self.size_multiple
+        return (call.height // m) * (call.width // m)
+
+    def sigmas(self, call: Call) -> torch.Tensor:
+        """The pipeline's own grid (``flux_sigmas`` / ``sd3_sigmas``) for this image size."""
+        if call.timesteps is not None:
+            raise ValueError("timesteps apply to discrete VP students only; flow students take num_inference_steps")
+        return self.grid(call.num_inference_steps, self.owner.scheduler.config, self._seq_len(call))
 
     def check_guidance(self, guidance: TeacherGuidance, sigmas: torch.Tensor) -> None:
         check_flow_guidance(guidance, sigmas)
@@ -342,14 +350,7 @@ class FluxFamily(_TransformerFamily):
             raise ValueError("negative_prompt does not apply to FLUX students (no student CFG); "
                              "use teacher_negative_prompt with teacher_cfg > 1")
 
-    def _seq_len(self, call: Call) -> int:
-        packed = self.size_multiple
-        return (call.height // packed) * (call.width // packed)
-
-    def sigmas(self, call: Call) -> torch.Tensor:
-        if call.timesteps is not None:
-            raise ValueError("timesteps apply to discrete VP students only; flow students take num_inference_steps")
-        return flux_sigmas(call.num_inference_steps, self.owner.scheduler.config, self._seq_len(call))
+    grid = staticmethod(flux_sigmas)
 
     def student_uses_cfg(self, call: Call) -> bool:
         return False
@@ -418,12 +419,7 @@ class SD3Family(_TransformerFamily):
     def patch(self) -> int:
         return self.student_module.config.patch_size
 
-    def sigmas(self, call: Call) -> torch.Tensor:
-        if call.timesteps is not None:
-            raise ValueError("timesteps apply to discrete VP students only; flow students take num_inference_steps")
-        f, p = self.owner.vae_scale_factor, self.patch
-        seq = (call.height // f // p) * (call.width // f // p)
-        return sd3_sigmas(call.num_inference_steps, self.owner.scheduler.config, seq)
+    grid = staticmethod(sd3_sigmas)
 
     def _encode(self, call: Call, negative: list[str] | None, with_uncond: bool) -> tuple[dict, dict | None]:
         o = call.options

@@ -114,12 +114,13 @@ class FlowNoise:
 
     Args:
         grid: ``grid(num_inference_steps) -> sigmas`` (VE sigmas; flow time 1 is
-            :data:`~distillpp.schedules.FLOW_SIGMA_MAX`).
+            :data:`~distillpp.schedules.FLOW_SIGMA_MAX`), or ``None`` for families whose grid depends on
+            more than the step count (FLUX and SD3 shift it by the image size) and who build it themselves.
         timestep_scale: the network's time input is ``s * timestep_scale`` (1000 for SD3 and the zoo,
             1 for FLUX, whose transformer scales internally).
     """
 
-    grid: Callable[[int], torch.Tensor]
+    grid: Callable[[int], torch.Tensor] | None = None
     timestep_scale: float = 1000.0
     sampler: str = "euler"
     sampler_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +128,8 @@ class FlowNoise:
     def sigmas(self, num_inference_steps: int, timesteps: Sequence[int] | None = None) -> torch.Tensor:
         if timesteps is not None:
             raise ValueError("timesteps apply to discrete VP students only; flow students take num_inference_steps")
+        if self.grid is None:
+            raise ValueError("this flow family builds its grid from the call (image size); ask the family")
         return self.grid(num_inference_steps)
 
     def initial(self, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
