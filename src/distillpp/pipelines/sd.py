@@ -42,10 +42,6 @@ __all__ = ["SDFamily", "DistillppPipeline", "SCHEDULER_SAMPLERS", "check_pair", 
 SCHEDULER_SAMPLERS = {name: rule.sampler for name, rule in SCHEDULERS.items() if rule.noise == "vp"}
 
 
-def _config(obj: Any) -> dict[str, Any]:
-    return scheduler_config(obj)
-
-
 def check_pair(student_unet: Any, teacher_unet: Any, student_prediction: str, teacher_prediction: str) -> None:
     """Raise a ValueError when a student and teacher UNet cannot share latents and conditioning.
 
@@ -53,7 +49,7 @@ def check_pair(student_unet: Any, teacher_unet: Any, student_prediction: str, te
     2048 SDXL), SDXL's added conditioning (``addition_embed_type``, its input width) and the
     prediction types.
     """
-    s, t = _config(student_unet), _config(teacher_unet)
+    s, t = scheduler_config(student_unet), scheduler_config(teacher_unet)  # objects or config mappings
     _check_prediction(student_prediction, "student")
     _check_prediction(teacher_prediction, "teacher")
     problems = []
@@ -88,7 +84,7 @@ def student_scheduler(preset: Preset, base_scheduler: Any) -> Any:
     import diffusers
 
     cls = getattr(diffusers, preset.scheduler)
-    return cls.from_config(_config(base_scheduler), **dict(preset.scheduler_config))
+    return cls.from_config(scheduler_config(base_scheduler), **dict(preset.scheduler_config))
 
 
 class SDFamily(DiffusersFamily):
@@ -120,7 +116,7 @@ class SDFamily(DiffusersFamily):
         self.student_module = student.unet
         self.noise = VPNoise.from_scheduler(student.scheduler)
         self.noise.rule.warn_ignored_options(self.noise.config)
-        self.lcm_embedding_dim = _config(student.unet).get("time_cond_proj_dim")
+        self.lcm_embedding_dim = student.unet.config.get("time_cond_proj_dim")
         if isinstance(teacher, str):
             if teacher != "adapter-off":
                 raise ValueError(f"teacher must be a UNet, a pipeline or 'adapter-off', got {teacher!r}")
@@ -132,7 +128,7 @@ class SDFamily(DiffusersFamily):
             if not isinstance(teacher, torch.nn.Module) or not hasattr(teacher, "config"):
                 raise ValueError(f"teacher must be a UNet2DConditionModel, got {type(teacher).__name__}")
             self.teacher_kind, self.teacher_module = "separate", teacher
-        self.teacher_noise = VPNoise.teacher_table(_config(teacher_scheduler if teacher_scheduler is not None
+        self.teacher_noise = VPNoise.teacher_table(scheduler_config(teacher_scheduler if teacher_scheduler is not None
                                                            else student.scheduler))
 
     def network(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
@@ -211,12 +207,12 @@ class SDFamily(DiffusersFamily):
             return latents, None
         vae = pipe.vae
         if self.is_sdxl:
-            needs_upcast = vae.dtype == torch.float16 and _config(vae).get("force_upcast", False)
+            needs_upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
             if needs_upcast:
                 vae.to(dtype=torch.float32)
             vdtype = next(iter(vae.post_quant_conv.parameters())).dtype
             latents = latents.to(vdtype)
-            cfg = _config(vae)
+            cfg = vae.config
             if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
                 mean = torch.tensor(cfg["latents_mean"]).view(1, -1, 1, 1).to(latents.device, latents.dtype)
                 std = torch.tensor(cfg["latents_std"]).view(1, -1, 1, 1).to(latents.device, latents.dtype)
