@@ -143,3 +143,18 @@ def test_transformer_fn_passes_the_timestep_by_keyword_to_a_tiny_pixart():
     pred = tf(z, timestep=t, return_dict=False, **cond)[0]
     assert pred.shape[1] == 8
     torch.testing.assert_close(out, x - sigma.view(-1, 1, 1, 1) * pred[:, :4])
+
+
+def test_cfg_denoiser_clip_clamps_after_the_combination():
+    inner = lambda x, sigma, y: x * y[:, None]  # noqa: E731  (cond y=1 -> x, uncond y=0 -> 0)
+    x = torch.tensor([[0.5, 0.9, -0.8]])
+    sigma = torch.ones(1)
+    plain = distillpp.CFGDenoiser(inner, 2.0)
+    clipped = distillpp.CFGDenoiser(inner, 2.0, clip=1.0)
+    args = dict(cond={"y": torch.ones(1)}, uncond={"y": torch.zeros(1)})
+    assert torch.equal(plain(x, sigma, **args), torch.tensor([[1.0, 1.8, -1.6]]))
+    assert torch.equal(clipped(x, sigma, **args), torch.tensor([[1.0, 1.0, -1.0]]))
+    x0, x0_u = clipped(x, sigma, return_uncond=True, **args)
+    assert torch.equal(x0_u, torch.zeros_like(x))
+    with pytest.raises(ValueError, match="clip"):
+        distillpp.CFGDenoiser(inner, 2.0, clip=0)

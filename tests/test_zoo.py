@@ -123,6 +123,11 @@ def test_every_subcommand_writes_diffusers_fp16_folders(trained):
     lcm_scheduler = json.loads((out / "lcm" / "scheduler_config.json").read_text())
     assert lcm_scheduler["_class_name"] == "LCMScheduler" and lcm_scheduler["prediction_type"] == "epsilon"
     assert "test_accuracy" in json.loads((out / "classifier" / "train_info.json").read_text())
+    # The teacher clamps x0 to the data range and its students inherit the flag (speckle fix).
+    for what in ("teacher", "lcm", "pd"):
+        assert zoo.clip_range(json.loads((out / what / "scheduler_config.json").read_text())) == 1.0, what
+        assert zoo.load(what, models_dir=out).clip == 1.0
+    assert zoo.load("flow-student", models_dir=out).clip is None
 
 
 @pytest.mark.parametrize("name", zoo.ZOO_NAMES)
@@ -257,3 +262,22 @@ def test_harness_samples_do_not_depend_on_the_batch_size():
     b = generate(method, models, labels, noise, seed=3, batch_size=2)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert not torch.equal(generate(method, models, labels, noise, seed=4, batch_size=5), a)
+
+
+def test_shipped_teacher_clamps_x0_where_the_raw_estimate_leaves_the_data_range():
+    """The speckle's cause: at high noise the CFG teacher's raw x0 estimate leaves [-1, 1]; clip_sample
+    clamps it, and the clamp changes nothing where the estimate is inside."""
+    teacher = zoo.load("teacher")
+    assert teacher.clip == 1.0
+    raw = distillpp.CFGDenoiser(teacher.denoiser.inner, teacher.default_cfg)
+    sigmas = teacher.sigmas(50)
+    gen = torch.Generator().manual_seed(0)
+    x = teacher.initial(torch.randn(20, 1, 32, 32, generator=gen), sigmas)
+    sigma = sigmas[0].expand(20)
+    with torch.no_grad():
+        unclamped, clamped = raw(x, sigma, **teacher.args(torch.arange(20) % 10)), \
+            teacher.denoiser(x, sigma, **teacher.args(torch.arange(20) % 10))
+    assert unclamped.abs().max() > 1.2  # the raw estimate leaves the data range ...
+    assert clamped.abs().max() <= 1.0  # ... the model's own denoiser does not
+    inside = unclamped.abs() <= 1
+    assert torch.equal(clamped[inside], unclamped[inside])

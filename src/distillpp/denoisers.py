@@ -256,14 +256,23 @@ class CFGDenoiser:
     one, so CFG++ at scale 1 is the plain sampler (CFG++'s own lambda = 1 would still run the
     unconditional branch; scale 1 here means "no CFG", as everywhere else in this class).
 
+    ``clip`` clamps the combined estimate (and the unconditional one) to ``[-clip, clip]``: diffusers'
+    ``clip_sample`` for pixel-space models, whose data lie in ``[-1, 1]``. The clamp comes after the CFG
+    combination, as in diffusers, where CFG mixes noise predictions and the scheduler then clips the
+    resulting x0 (the two mixes are the same linear map).
+
     Args:
         inner: the denoiser to guide.
         scale: default guidance scale ``w`` (overridden per call by ``cfg_scale=``).
+        clip: clamp x0 estimates to ``[-clip, clip]`` (``None``: no clamp).
     """
 
-    def __init__(self, inner: Denoiser, scale: float = 1.0):
+    def __init__(self, inner: Denoiser, scale: float = 1.0, clip: float | None = None):
+        if clip is not None and not (float(clip) > 0):
+            raise ValueError(f"clip must be a positive number or None, got {clip!r}")
         self.inner = inner
         self.scale = scale
+        self.clip = None if clip is None else float(clip)
 
     @property
     def schedule(self) -> Any:
@@ -282,10 +291,13 @@ class CFGDenoiser:
         w = self.scale if cfg_scale is None else cfg_scale
         cond = cond or {}
         if uncond is None or w == 1.0:
-            x0 = self.inner(x, sigma, **cond, **shared)
+            x0 = self._clip(self.inner(x, sigma, **cond, **shared))
             return (x0, x0) if return_uncond else x0
         both = batch_cond(uncond, cond)
         out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), **both, **shared)
         x0_u, x0_c = out.chunk(2)
-        x0 = x0_u + w * (x0_c - x0_u)
-        return (x0, x0_u) if return_uncond else x0
+        x0 = self._clip(x0_u + w * (x0_c - x0_u))
+        return (x0, self._clip(x0_u)) if return_uncond else x0
+
+    def _clip(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0 if self.clip is None else x0.clamp(-self.clip, self.clip)

@@ -46,10 +46,12 @@ def _noise(model: zoo.ZooModel, models_dir: Any) -> Any:
     """The noise family of a zoo model: DDIM-trailing or LCM (VP), or uniform flow time."""
     if model.family == "flow":
         return FlowNoise(grid=zoo.flow_grid, timestep_scale=1000.0)
-    config = json.loads((zoo.model_dir(model.name, models_dir) / "scheduler_config.json").read_text())
+    # clip_sample is applied by the family's CFGDenoiser (model.clip), so the rule need not warn about it.
+    config = {**json.loads((zoo.model_dir(model.name, models_dir) / "scheduler_config.json").read_text()),
+              "clip_sample": False}
     if model.grid == "lcm":
         return VPNoise(scheduler_rule("LCMScheduler"), config)
-    return VPNoise(scheduler_rule("DDIMScheduler"), {**config, "timestep_spacing": "trailing", "clip_sample": False})
+    return VPNoise(scheduler_rule("DDIMScheduler"), {**config, "timestep_spacing": "trailing"})
 
 
 class ZooFamily(ModelFamily):
@@ -122,12 +124,12 @@ class ZooFamily(ModelFamily):
         return torch.randn(shape, generator=call.generator, device=where).cpu()
 
     def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
-        return CFGDenoiser(self.noise.denoiser(net, module_dtype(self.student_module)))
+        return CFGDenoiser(self.noise.denoiser(net, module_dtype(self.student_module)), clip=self.student.clip)
 
     def teacher_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
         scale = call.state["teacher_cfg"]
         return CFGDenoiser(self.teacher_noise.teacher_denoiser(net, module_dtype(self.teacher_module)),
-                           zoo.TEACHER_CFG if scale is None else scale)
+                           zoo.TEACHER_CFG if scale is None else scale, clip=self.teacher.clip)
 
     def decode(self, latents: torch.Tensor, call: Call) -> tuple[Any, Any]:
         if call.output_type == "latent":

@@ -113,6 +113,7 @@ class ZooModel:
         default_cfg: the teacher's CFG scale; 1.0 for students (their CFG is baked in).
         schedule: the discrete VP noise table, or ``None`` for flow models.
         net: the underlying ``UNet2DModel``.
+        clip: the x0 clamp of its scheduler config (:func:`clip_range`), or ``None``.
     """
 
     name: str
@@ -124,6 +125,7 @@ class ZooModel:
     schedule: DiscreteVPSchedule | None
     net: Any = None
     grid: str = "trailing"
+    clip: float | None = None
 
     def sigmas(self, steps: int | None = None) -> torch.Tensor:
         """The grid this model is meant for, with ``steps`` steps (default :attr:`default_steps`).
@@ -166,6 +168,19 @@ def model_dir(name: str, models_dir: str | os.PathLike | None = None) -> Path:
     return folder
 
 
+def clip_range(config: dict[str, Any]) -> float | None:
+    """The x0 clamp a scheduler config asks for: ``clip_sample_range`` (default 1) when ``clip_sample``
+    is true, else ``None``.
+
+    The VP teacher clamps its x0 estimate to the data range ``[-1, 1]``, as DDPM pixel models do (and
+    diffusers' DDIM ``clip_sample``). Without it, the briefly trained eps-prediction teacher at CFG 2 puts
+    x0 estimates far outside the data range at the high-noise steps (samples reached -2.4..5.0), and
+    DDIM carries the excess into isolated saturated pixels: the salt-and-pepper speckle of the earlier
+    zoo. Students distilled from it inherit the flag through their scheduler config.
+    """
+    return float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
+
+
 def load(
     name: str,
     device: torch.device | str = "cpu",
@@ -191,17 +206,19 @@ def load(
     spec = _SPECS[name]
     folder = model_dir(name, models_dir)
     unet = UNet2DModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval().requires_grad_(False)
-    schedule = None
+    schedule, clip = None, None
     if spec.family == "vp":
         config = json.loads((folder / "scheduler_config.json").read_text())
         schedule = DiscreteVPSchedule.from_config(config)
+        clip = clip_range(config)
         cls = LCMDenoiser if spec.denoiser == "lcm" else DiscreteVPDenoiser
         inner = cls(unet_fn(unet), schedule, config.get("prediction_type", "epsilon"), dtype=dtype)
     else:
         inner = FlowDenoiser(unet_fn(unet), timestep_scale=1000.0, dtype=dtype)
     return ZooModel(
-        name=name, family=spec.family, denoiser=CFGDenoiser(inner, spec.default_cfg), sampler=spec.sampler,
+        name=name, family=spec.family, denoiser=CFGDenoiser(inner, spec.default_cfg, clip=clip), sampler=spec.sampler,
         default_steps=spec.default_steps, default_cfg=spec.default_cfg, schedule=schedule, net=unet, grid=spec.grid,
+        clip=clip,
     )
 
 

@@ -35,7 +35,7 @@ from ..api import sample
 from ..cli import check_device, check_out_dir, finite_float, positive_float, positive_int, unit_float
 from ..denoisers import CFGDenoiser, DiscreteVPDenoiser, FlowDenoiser, LCMDenoiser, append_dims, unet_fn
 from ..schedules import DiscreteVPSchedule, ddim_sigmas, initial_sample
-from . import TEACHER_CFG, flow_grid
+from . import TEACHER_CFG, clip_range, flow_grid
 from .data import NULL_LABEL, load_split
 from .nets import (
     WEIGHTS_NAME,
@@ -306,7 +306,8 @@ def train_teacher(args: argparse.Namespace) -> int:
     x_all, y_all = run.data()
     unet = fp32_output(make_unet(args.tiny)).to(run.device)
     ema = EMA(unet)
-    scheduler = vp_scheduler_config("ddim", prediction_type=args.prediction_type)
+    # clip_sample: sampling clamps x0 to the data range (see distillpp.zoo.clip_range); students inherit it.
+    scheduler = vp_scheduler_config("ddim", prediction_type=args.prediction_type, clip_sample=True)
     abar = DiscreteVPSchedule.from_config(scheduler).alphas_cumprod.to(run.device)
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -409,7 +410,8 @@ def train_lcm(args: argparse.Namespace) -> int:
     teacher_unet, teacher_dir = _load_teacher(run, "teacher")
     x_all, y_all = run.data()
     scheduler, schedule, on_device, pred_type = _vp_schedule(run, teacher_dir)
-    teacher = CFGDenoiser(DiscreteVPDenoiser(unet_fn(teacher_unet), on_device, pred_type), args.cfg)
+    teacher = CFGDenoiser(DiscreteVPDenoiser(unet_fn(teacher_unet), on_device, pred_type), args.cfg,
+                         clip=clip_range(scheduler))
     unet = copy.deepcopy(teacher_unet).requires_grad_(True)
     target = EMA(unet)
     student = LCMDenoiser(unet_fn(unet), on_device, pred_type)
@@ -466,7 +468,8 @@ def train_pd(args: argparse.Namespace) -> int:
     teacher_unet, teacher_dir = _load_teacher(run, "teacher")
     x_all, y_all = run.data()
     scheduler, schedule, on_device, pred_type = _vp_schedule(run, teacher_dir)
-    cfg_teacher = CFGDenoiser(DiscreteVPDenoiser(unet_fn(teacher_unet), on_device, pred_type), args.cfg)
+    cfg_teacher = CFGDenoiser(DiscreteVPDenoiser(unet_fn(teacher_unet), on_device, pred_type), args.cfg,
+                         clip=clip_range(scheduler))
 
     def teacher(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return cfg_teacher(x, sigma, **_cfg_args(y))
