@@ -1,4 +1,5 @@
-"""Evaluation of generated images: FID, improved precision/recall, class consistency, seed spread.
+"""Evaluation of generated images: FID, improved precision/recall, class consistency, seed spread, and
+pixel-level checks (high-frequency energy ratio, pixel Fréchet distance).
 
 Model-agnostic: features come from whatever extractor the caller passes. The zoo's sampling
 harness lives in :mod:`distillpp.zoo.harness`."""
@@ -13,6 +14,7 @@ from .evaluate import (
     summarize,
 )
 from .fid import feature_statistics, fid_from_features, frechet_distance
+from .pixels import PixelReference, center_crop, high_frequency_energy, pixel_features, pixel_metrics
 from .precision_recall import knn_radii, manifold_coverage, precision_recall
 
 __all__ = [
@@ -29,4 +31,9 @@ __all__ = [
     "mean_std",
     "summarize",
     "format_mean_std",
+    "center_crop",
+    "high_frequency_energy",
+    "pixel_features",
+    "PixelReference",
+    "pixel_metrics",
 ]
