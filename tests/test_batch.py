@@ -23,7 +23,7 @@ PROMPTS = ["Sneaker", "Bag", "Trouser", "Dress", "Coat"]
 
 class StandIn:
     """The guided-pipeline interface in miniature (the zoo presets are exercised in test_batch_zoo.py):
-    each image depends on its own generator, its prompt and the guidance strength only."""
+    each image depends on its own generator, its prompt and the guidance's strength and noise_mix only."""
 
     has_teacher = True
 
@@ -36,7 +36,8 @@ class StandIn:
         g = guidance or self.guidance
         images = []
         for p, gen in zip(prompt, generator):
-            x = torch.rand(28, 28, generator=gen) * (1 - g.strength) + (sum(map(ord, p)) % 7) / 7 * g.strength
+            label = ((sum(map(ord, p)) % 7) / 7 + g.noise_mix) / 2
+            x = torch.rand(28, 28, generator=gen) * (1 - g.strength) + label * g.strength
             images.append(Image.fromarray((x.numpy() * 255).round().astype(np.uint8), mode="L"))
         return SimpleNamespace(images=images)
 
@@ -92,7 +93,10 @@ def test_prompt_files_jsonl_csv_and_errors(tmp_path):
 
 
 def main(argv: list[str]) -> int:
-    return cli_main(["batch", *argv])
+    try:
+        return cli_main(["batch", *argv])
+    except SystemExit as stop:  # argparse's own type checks (the flags shared with generate)
+        return stop.code
 
 
 def _fails_with(capsys, argv: list[str], pattern: str) -> None:
@@ -141,10 +145,13 @@ def test_bad_arguments_fail_before_loading_a_model(tmp_path, standin, monkeypatc
     _fails_with(capsys, _args(tmp_path, "x", "--images-per-prompt", "0"), "--images-per-prompt must be >= 1")
     ov = tmp_path / "ov.json"
     ov.write_text(json.dumps({"preset": "zoo-pd"}))
-    _fails_with(capsys, _args(tmp_path, "x", "--overrides", str(ov)), "not --preset 'standin'")
+    _fails_with(capsys, _args(tmp_path, "x", "--overrides", str(ov)),
+                "--overrides: overrides were made for preset 'zoo-pd', not 'standin'")
     _fails_with(capsys, ["--prompts", str(_prompt_file(tmp_path)), "--out", str(tmp_path / "x")],
                 "--preset is required")
-    _fails_with(capsys, _args(tmp_path, "x", "--samples", "0"), "samples must be an integer >= 1")
+    _fails_with(capsys, _args(tmp_path, "x", "--samples", "0"), "argument --samples: must be an integer >= 1, got 0")
+    _fails_with(capsys, _args(tmp_path, "x", "--noise-mix", "1.5"), "noise_mix must be in [0, 1], got 1.5")
+    _fails_with(capsys, _args(tmp_path, "x", "--guided-steps", "5"), "--guided-steps must be in [0, 4]")
     ov.write_text(json.dumps({"guidance": {"strength": 0.3}, "colour": "red"}))
     _fails_with(capsys, _args(tmp_path, "x", "--overrides", str(ov)), "unknown fields ['colour']")
     assert not (tmp_path / "x").exists()
@@ -184,3 +191,31 @@ def test_a_folder_with_no_images_yet_takes_the_corrected_command(tmp_path, stand
     assert len(list((tmp_path / "o").glob("*.png"))) == 2
     prompts.write_text("Shirt\nBag\n")  # now images exist: a different prompt file is refused
     _fails_with(capsys, argv, "different settings (prompts.sha256")
+
+
+def test_generates_guidance_flags_and_override_file_reach_the_images_and_the_manifest(tmp_path, standin):
+    def manifest(out: str) -> list[dict]:
+        return [json.loads(x) for x in (tmp_path / out / "manifest.jsonl").read_text().splitlines()]
+
+    for mix in ("0.25", "0.75"):
+        assert main(_args(tmp_path, f"mix{mix}", "--noise", "hybrid", "--noise-mix", mix)) == 0
+    low, high = manifest("mix0.25"), manifest("mix0.75")
+    assert {(r["settings"]["guidance"]["noise"], r["settings"]["guidance"]["noise_mix"]) for r in low} == \
+        {("hybrid", 0.25)}
+    config = json.loads((tmp_path / "mix0.25" / "batch_config.json").read_text())
+    assert config["settings"]["guidance"]["noise_mix"] == 0.25
+    assert {r["sha256"] for r in low}.isdisjoint(r["sha256"] for r in high)  # the knob reached the pipeline
+
+    ov = tmp_path / "tuned.json"
+    ov.write_text(json.dumps({"preset": "standin", "guidance": {"noise": "hybrid", "noise_mix": 0.25,
+                                                                "strength": 0.3}}))
+    no_preset = _args(tmp_path, "file")[2:]  # the file names the preset
+    assert no_preset[0] == "--prompts" and main([*no_preset, "--overrides", str(ov)]) == 0
+    rows = manifest("file")
+    assert {(r["settings"]["guidance"]["strength"], r["settings"]["guidance"]["noise_mix"]) for r in rows} == \
+        {(0.3, 0.25)}
+    assert rows[0]["settings"]["overrides"] == json.loads(ov.read_text())
+    # A flag wins over the file: strength back to the preset's 0.1 gives the images of the flags-only run.
+    assert main(_args(tmp_path, "both", "--overrides", str(ov), "--strength", "0.1")) == 0
+    assert [r["sha256"] for r in manifest("both")] == [r["sha256"] for r in low]
+    assert [r["sha256"] for r in rows] != [r["sha256"] for r in low]

@@ -14,10 +14,12 @@ The output folder holds:
 - ``batch_config.json``: what the run is (preset, resolved guidance, steps, seeds, batch size,
   prompt-file checksum, model ids and revisions). A later run into the same folder must match it or
   is refused.
-- one PNG per image, ``<row>_<image>.png``, written to a temporary name and renamed into place;
-- ``parts/part-*.jsonl``: one journal per process and attempt, a line appended (and fsync'ed) after
-  each image is in place. On a restart these lines say what is finished; an image on disk without
-  its line is made again (same bytes) and a journal's torn last line is ignored;
+- one PNG per image, ``<row>_<image>.png``, encoded and written by a thread pool while the next
+  chunk is computed, to a temporary name and renamed into place;
+- ``parts/part-*.jsonl``: one journal per process and attempt, a chunk's lines appended (and
+  fsync'ed) once its images are in place and on disk. On a restart these lines say what is
+  finished; an image on disk without its line is made again (same bytes) and a journal's torn last
+  line is ignored;
 - ``manifest.jsonl``: the journals merged, one line per image sorted by row and image, written
   once every image exists (by rank 0 after a barrier, or by the Ray driver).
 
@@ -29,8 +31,10 @@ as the local engine does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -50,6 +54,7 @@ __all__ = [
     "read_prompts",
     "image_seed",
     "plan_items",
+    "generate_images",
     "generate_items",
     "load_pipeline",
     "add_arguments",
@@ -61,8 +66,6 @@ CONFIG_NAME = "batch_config.json"
 MANIFEST_NAME = "manifest.jsonl"
 PARTS_DIR = "parts"
 TMP_PREFIX = ".tmp-"
-# Guidance knobs settable on the command line (TeacherGuidance field names, as in ``generate``).
-KNOBS = ("strength", "guided_steps", "renoise", "noise", "space", "teacher_cfg", "samples")
 
 
 class BatchFolderError(ValueError):
@@ -238,13 +241,49 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=1)
+def _syncfs() -> Any:
+    """Linux's ``syncfs(2)`` through ctypes, or ``None`` where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+def _make_durable(folder: Path, files: Sequence[Path]) -> None:
+    """Put ``files`` (just renamed into ``folder``) on disk before their journal lines are written.
+
+    One ``syncfs`` of the folder's filesystem where Linux has it: one journal commit for a whole
+    chunk. An ``fsync`` per image costs one commit each (~1 ms on this project's CI disk), which
+    capped a run at about a thousand images per second per disk, far below a GPU's rate for the zoo
+    models. Elsewhere each file and then the folder (for the renames) is fsync'ed.
+    """
+    syncfs = _syncfs()
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if syncfs is not None and syncfs(fd) == 0:
+            return
+        for path in files:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if os.name == "posix":
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class BatchFolder:
@@ -364,13 +403,22 @@ class BatchFolder:
                 raise BatchFolderError(f"--out {self.path}: {it.file} {problem} (the folder was modified); "
                                        "use a new --out folder")
 
-    def write(self, item: Item, png: bytes, record: dict) -> None:
-        """Put one image in place, then append its record to this process's journal."""
-        _write_atomic(self.path / item.file, png)
+    def put(self, item: Item, png: bytes) -> None:
+        """Put one image in place under its final name (temporary name, then rename); not yet durable
+        nor finished: :meth:`finish` does both."""
+        _write_atomic(self.path / item.file, png, sync=False)
+
+    def finish(self, items: Sequence[Item], records: Sequence[dict]) -> None:
+        """Mark images put in place as finished: make them durable, then append their records to this
+        process's journal in one write (fsync'ed). A kill before the journal line leaves an image
+        that a rerun makes again, with the same bytes."""
+        if not records:
+            return
+        _make_durable(self.path, [self.path / it.file for it in items])
         if self._journal is None:
             name = f"part-{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
             self._journal = open(self.path / PARTS_DIR / name, "a", encoding="utf-8")
-        self._journal.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._journal.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         self._journal.flush()
         os.fsync(self._journal.fileno())
 
@@ -424,29 +472,28 @@ def describe_preset(preset: str, overrides: dict | None = None) -> Any:
 
     p = get_preset(preset)
     if overrides is not None:
-        p = apply_overrides(p, overrides)
+        try:
+            p = apply_overrides(p, overrides)
+        except ValueError as err:
+            raise ValueError(f"--overrides: {err}") from None
     return SimpleNamespace(preset=p, guidance=p.guidance, has_teacher=p.teacher != "none")
 
 
 def _read_overrides(path: str | None, preset: str | None) -> tuple[str, dict | None]:
-    if path is None:
-        if not preset:
-            raise ValueError("--preset is required (or an --overrides file naming one)")
-        return preset, None
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--overrides: no such file: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--overrides {path}: not JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--overrides {path}: expected a JSON object")
-    named = data.get("preset")
-    if preset and named and named != preset:
-        raise ValueError(f"--overrides {path} is for preset {named!r}, not --preset {preset!r}")
-    if not (preset or named):
-        raise ValueError("--preset is required (the --overrides file names none)")
-    return preset or named, data
+    """The preset name and the ``--overrides`` file's content, read as ``generate`` reads it
+    (:func:`~distillpp.pipelines.presets.load_overrides`); the file may name the preset instead of ``--preset``."""
+    from .pipelines.presets import load_overrides
+
+    data = None
+    if path is not None:
+        try:
+            data = _jsonable(load_overrides(path))  # JSON types, as the folder's config stores them
+        except ValueError as err:
+            raise ValueError(f"--overrides: {err}") from None
+    name = preset or (data or {}).get("preset")
+    if not name:
+        raise ValueError("--preset is required (or an --overrides file naming one)")
+    return name, data
 
 
 def _jsonable(value: Any) -> Any:
@@ -531,8 +578,8 @@ def _png_bytes(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def generate_items(pipe: Any, items: Sequence[Item], guidance: Any, steps: int | None) -> list[bytes]:
-    """PNG bytes of ``items``, one pipeline call per run of items sharing a negative prompt.
+def generate_images(pipe: Any, items: Sequence[Item], guidance: Any, steps: int | None) -> list[Any]:
+    """PIL images of ``items``, one pipeline call per run of items sharing a negative prompt.
 
     Args:
         pipe: the guided pipeline.
@@ -542,7 +589,7 @@ def generate_items(pipe: Any, items: Sequence[Item], guidance: Any, steps: int |
     """
     import torch
 
-    out: list[bytes] = []
+    out: list[Any] = []
     start = 0
     while start < len(items):
         end = start + 1
@@ -559,19 +606,74 @@ def generate_items(pipe: Any, items: Sequence[Item], guidance: Any, steps: int |
             generator=[torch.Generator("cpu").manual_seed(it.seed) for it in group],
             output_type="pil", **kwargs,
         )
-        out.extend(_png_bytes(image) for image in result.images)
+        out.extend(result.images)
         start = end
     return out
 
 
-def _write_new(folder: "BatchFolder", made: Iterable[tuple[Item, bytes]], done: dict, run: dict) -> int:
-    """Write the images of a redone chunk that were not finished before; returns how many."""
-    new = 0
-    for item, png in made:
-        if item.key not in done:  # images finished before a restart stay untouched
-            folder.write(item, png, _record(item, png, run))
-            new += 1
-    return new
+def generate_items(pipe: Any, items: Sequence[Item], guidance: Any, steps: int | None) -> list[bytes]:
+    """PNG bytes of ``items`` (:func:`generate_images`, encoded)."""
+    return [_png_bytes(image) for image in generate_images(pipe, items, guidance, steps)]
+
+
+class _ChunkWriter:
+    """Writes chunks of images on a thread pool while the caller computes the next chunk.
+
+    Each image is PNG-encoded (when given as a PIL image) and put in place by a pool thread; once a
+    chunk's images are all in place, :meth:`BatchFolder.finish` makes them durable and journals them
+    in one go (checked at each :meth:`submit`). At most ``depth`` chunks are in flight, so memory stays
+    bounded and a kill loses at most those chunks' images (a rerun makes them again, with the same
+    bytes). Images of a redone chunk that were finished before a restart are skipped and stay untouched.
+
+    Args:
+        folder: the run's folder.
+        done: records of the images finished before this attempt.
+        run: the run description (settings and models go into each record).
+        threads: pool size; encoding and file writes release the GIL for part of their time.
+        depth: chunks in flight.
+    """
+
+    def __init__(self, folder: BatchFolder, done: dict, run: dict, threads: int = 4, depth: int = 2):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.folder, self.done, self.run, self.depth = folder, done, run, depth
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batch-writer")
+        self.pending: Any = deque()
+
+    def _put(self, item: Item, image: Any) -> dict:
+        png = image if isinstance(image, (bytes, bytearray)) else _png_bytes(image)
+        self.folder.put(item, bytes(png))
+        return _record(item, png, self.run)
+
+    def submit(self, made: Iterable[tuple[Item, Any]]) -> int:
+        """Queue one chunk's ``(item, PIL image or PNG bytes)`` pairs; returns how many images were
+        finished (journaled) meanwhile."""
+        new = [(it, self.pool.submit(self._put, it, image)) for it, image in made if it.key not in self.done]
+        self.pending.append(new)
+        finished = 0
+        # Journal the chunks already written at once (a kill then loses little); wait only when
+        # ``depth`` chunks are in flight.
+        while self.pending and (len(self.pending) > self.depth or all(f.done() for _, f in self.pending[0])):
+            finished += self._finish(self.pending.popleft())
+        return finished
+
+    def _finish(self, chunk: list) -> int:
+        records = [future.result() for _, future in chunk]
+        self.folder.finish([it for it, _ in chunk], records)
+        return len(records)
+
+    def drain(self) -> int:
+        """Finish every queued chunk; returns how many images that finished."""
+        finished = 0
+        while self.pending:
+            finished += self._finish(self.pending.popleft())
+        return finished
+
+    def close(self) -> None:
+        """Stop the pool (after :meth:`drain`, or on an error: queued writes complete, unjournaled)."""
+        self.pool.shutdown(wait=True)
+        self.folder.close()
 
 
 def _record(item: Item, png: bytes, run: dict) -> dict:
@@ -589,16 +691,15 @@ def _record(item: Item, png: bytes, run: dict) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``batch`` options to ``parser``."""
-    from .guidance import NOISE, RENOISE, SPACE
-    from .pipelines.cli import parse_strength
+    from .pipelines.cli import add_guidance_arguments
 
     g = parser.add_argument_group("what to make")
-    g.add_argument("--preset", help="preset name (see `distillpp generate --list-presets`), e.g. zoo-lcm")
+    g.add_argument("--preset", help="preset name (see `distillpp generate --list-presets`), e.g. zoo-lcm; may be "
+                                    "left out when the --overrides file names one")
     g.add_argument("--prompts", required=True,
                    help="prompt file: one prompt a line, or .jsonl/.csv with a 'prompt' column and optional "
                         "'seed' and 'negative_prompt' (zoo presets: Fashion-MNIST class names)")
     g.add_argument("--out", required=True, help="output folder (rerun the same command into it to resume)")
-    g.add_argument("--overrides", default=None, help="preset-override JSON file (as the tuner writes)")
     g.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt row")
     g.add_argument("--seed", type=int, default=0, help="base seed; each image's seed hashes (seed, row, image)")
     g.add_argument("--batch-size", type=int, default=8,
@@ -606,21 +707,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "last bits), so a resume must use the same value")
     g.add_argument("--device", default=None,
                    help="device (default: cuda:LOCAL_RANK under torchrun, cuda if available, else cpu)")
-
-    g = parser.add_argument_group("sampling and guidance (default: the preset's)")
-    g.add_argument("--steps", type=int, default=None, help="student steps")
-    g.add_argument("--strength", type=parse_strength, default=None,
-                   help="teacher weight lam; a comma list gives one value per guided step; 0 = plain student")
-    g.add_argument("--guided-steps", type=int, default=None, help="how many leading steps the teacher guides")
-    g.add_argument("--teacher-cfg", type=float, default=None, help="teacher CFG scale")
-    g.add_argument("--renoise", choices=RENOISE, default=None)
-    g.add_argument("--noise", choices=NOISE, default=None)
-    g.add_argument("--space", choices=SPACE, default=None)
-    g.add_argument("--samples", type=int, default=None, help="teacher re-noise draws averaged per guided step")
+    g.add_argument("--steps", type=int, default=None, help="student sampling steps (default: the preset's)")
+    # The same flags, types and --overrides file as ``generate``: every TeacherGuidance knob.
+    add_guidance_arguments(parser)
 
     g = parser.add_argument_group("engine")
     g.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this process (or each torchrun process); ray: a Ray Data actor pool")
+    g.add_argument("--timings", default=None, metavar="FILE",
+                   help="local engine: write each process's timings and the run's steady-state images/s (after "
+                        "model load and the first batch) as JSON")
     g.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (e.g. 'auto' or ray://head:10001; default: $RAY_ADDRESS, else a "
                         "local cluster)")
@@ -688,6 +784,8 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.replicas is not None and args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.timings and args.engine != "local":
+        raise ValueError("--timings is measured by the local engine only (one process or torchrun)")
 
 
 def _run_description(pipe: Any, args: argparse.Namespace, rows: Sequence[Row], guidance: Any,
@@ -730,22 +828,50 @@ def _progress(total: int, done: int, desc: str, position: int = 0) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``batch``; returns the exit code (bad arguments and refused folders raise ``ValueError``)."""
+    from .pipelines.cli import guidance_overrides
+
     _check_counts(args)
     preset, overrides = _read_overrides(args.overrides, args.preset)
     rows = read_prompts(args.prompts)
     items = plan_items(rows, args.images_per_prompt, args.seed)
     # Settings come from the preset registry, so a bad knob or a refused folder costs no model load.
     view = describe_preset(preset, overrides)
-    guidance = resolve_guidance(view, {k: getattr(args, k) for k in KNOBS})
+    guidance = resolve_guidance(view, guidance_overrides(args))
     description = _run_description(view, args, rows, guidance, overrides)
+    steps = description["settings"]["num_inference_steps"]
+    if guidance is not None and guidance.guided_steps > steps:
+        raise ValueError(f"--guided-steps must be in [0, {steps}] (guided_steps cannot exceed the {steps} "
+                         f"sampling steps), got {guidance.guided_steps}")
     run_args = (preset, overrides, guidance, description, items)
     return _run_ray(args, *run_args) if args.engine == "ray" else _run_local(args, *run_args)
 
 
-def _summary(made: int, skipped: int, seconds: float, workers: int, folder: BatchFolder, manifest: Path) -> str:
+def _summary(made: int, skipped: int, seconds: float, workers: int, folder: BatchFolder, manifest: Path,
+             steady: float | None = None) -> str:
     rate = made / seconds if seconds > 0 else 0.0
+    extra = f" ({steady:.2f} img/s once loaded and warm)" if steady else ""
     return (f"batch: {made + skipped} images in {folder.path} ({made} made now, {skipped} already done) in "
-            f"{seconds:.1f} s, {rate:.2f} img/s over {workers} worker(s); manifest: {manifest}")
+            f"{seconds:.1f} s, {rate:.2f} img/s{extra} over {workers} worker(s); manifest: {manifest}")
+
+
+def _timing_report(workers: Sequence[dict]) -> dict:
+    """The run's timings from each worker's: wall time from the first start to the last finish, and the
+    steady-state rate, i.e. the images made after each worker's first chunk divided by the time from the
+    earliest end of a first chunk to the last finish (model loading and warm-up excluded; a worker that
+    lags only lowers the rate)."""
+    starts = [w["steady_start"] for w in workers if "steady_start" in w]
+    steady_images = sum(w["steady_images"] for w in workers)
+    steady_s = max(w["end"] for w in workers) - min(starts) if starts else 0.0
+    return {
+        "workers": list(workers),
+        "images_made": sum(w["made"] for w in workers),
+        "images_skipped": sum(w["skipped"] for w in workers),
+        "seconds": max(w["end"] for w in workers) - min(w["start"] for w in workers),
+        "load_seconds": max(w["loaded"] - w["start"] for w in workers),
+        "steady_images": steady_images,
+        "steady_seconds": steady_s,
+        "steady_images_per_s": steady_images / steady_s if steady_images and steady_s > 0 else None,
+    }
 
 
 def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, guidance: Any, description: dict,
@@ -776,22 +902,40 @@ def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, gu
         todo = [c for c in mine if any(it.key not in done for it in c)]
         missing = sum(1 for c in todo for it in c if it.key not in done)
         desc = f"rank {dist.rank}/{dist.world}" if dist.world > 1 else "batch"
-        t0 = time.perf_counter()
+        timing = {"rank": dist.rank, "device": device, "made": missing, "skipped": total - missing,
+                  "start": time.time()}
         pipe = load_pipeline(preset, device, overrides) if todo else None
+        timing["loaded"] = time.time()
         bar = _progress(total, total - missing, desc, dist.rank)
+        writer = _ChunkWriter(folder, done, description)
+        steady = None
         try:
             for chunk in todo:
-                bar.update(_write_new(folder, zip(chunk, generate_items(pipe, chunk, guidance, steps)), done,
-                                      description))
+                images = generate_images(pipe, chunk, guidance, steps)
+                if steady is None:
+                    # Steady state starts once the first chunk is out: CUDA context, kernel selection and
+                    # caches are warm from here on (the first chunk's writes still fall inside the window).
+                    timing["steady_start"], steady = time.time(), 0
+                else:
+                    steady += sum(1 for it in chunk if it.key not in done)
+                bar.update(writer.submit(zip(chunk, images)))
+            bar.update(writer.drain())
+        except BaseException:
+            with contextlib.suppress(Exception):
+                writer.drain()  # keep the images made before the error
+            raise
         finally:
+            writer.close()
             bar.close()
-            folder.close()
-        seconds = time.perf_counter() - t0
-        stats = dist.gather((missing, total - missing, seconds))
+        timing["end"], timing["steady_images"] = time.time(), steady or 0
+        timings = dist.gather(timing)
         if dist.rank == 0:
             manifest = folder.merge(items)
-            made, skipped = sum(s[0] for s in stats), sum(s[1] for s in stats)
-            print(_summary(made, skipped, max(s[2] for s in stats), dist.world, folder, manifest))
+            report = _timing_report(timings)
+            print(_summary(report["images_made"], report["images_skipped"], report["seconds"], dist.world, folder,
+                           manifest, report["steady_images_per_s"]))
+            if args.timings:
+                _write_atomic(Path(args.timings), (json.dumps(report, indent=2) + "\n").encode())
         dist.gather(None)  # ranks leave after the manifest exists
     finally:
         dist.close()
@@ -849,6 +993,7 @@ def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, guid
         replicas = args.replicas or max(1, int(gpus // per_replica) if per_replica else 1)
     t0 = time.perf_counter()
     bar = _progress(len(items), len(items) - missing, f"ray x{replicas}")
+    writer = _ChunkWriter(folder, done, description)
     try:
         if todo:
             ds = ray.data.from_items([{"chunk": json.dumps([dataclasses.asdict(it) for it in c])} for c in todo])
@@ -862,10 +1007,15 @@ def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, guid
             )
             for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
                 made = ((Item(**json.loads(raw)), bytes(png)) for raw, png in zip(batch["item"], batch["png"]))
-                bar.update(_write_new(folder, made, done, description))
+                bar.update(writer.submit(made))
+            bar.update(writer.drain())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.drain()  # keep the images made before the error
+        raise
     finally:
+        writer.close()
         bar.close()
-        folder.close()
     manifest = folder.merge(items)
     print(_summary(missing, len(items) - missing, time.perf_counter() - t0, replicas, folder, manifest))
     return 0
