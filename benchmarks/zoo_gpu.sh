@@ -10,6 +10,9 @@
 # Then `python -m distillpp.zoo.check`: classifier test accuracy, and per model the class accuracy
 # and a classifier-feature Frechet distance of 1000 samples (ZOO_CHECK_ARGS appended).
 #
+# ZOO_MODELS (default: all six) limits the run to the models it names, e.g. ZOO_MODELS="lcm pd" retrains
+# the two VP students from the teacher already in MODELS_DIR (copy the shipped models there first).
+#
 # Budgets count from each process's start and every process saves as it goes, so a stage never
 # overruns by more than a final save; a hard `timeout` backs that up. Each process logs to
 # LOGS_DIR/<name>.log and a failure in one does not stop the others (stage-2 students of a failed
@@ -51,10 +54,14 @@ say() { echo "[zoo_gpu $(( $(date +%s) - t0 ))s] $*"; }
 declare -A pid=()
 failed=0
 
-# start WHAT MINUTES [extra args]: one training process in the background.
+only=" ${ZOO_MODELS:-teacher flow-teacher classifier lcm pd flow-student} "
+wanted() { [[ "$only" == *" $1 "* ]]; }
+
+# start WHAT MINUTES [extra args]: one training process in the background (if ZOO_MODELS names it).
 start() {
   local what=$1 minutes=$2
   shift 2
+  wanted "$what" || { say "skipping $what (not in ZOO_MODELS)"; return 0; }
   local hard own_var own_args
   hard=$(awk -v m="$minutes" 'BEGIN { printf "%d", m * 60 + 90 }')
   own_var="ZOO_ARGS_$(echo "$what" | tr 'a-z-' 'A-Z_')"  # e.g. ZOO_ARGS_FLOW_STUDENT
@@ -70,6 +77,7 @@ start() {
 finish() {
   local what rc
   for what in "$@"; do
+    wanted "$what" || continue
     wait "${pid[$what]}"
     rc=$?
     if [ "$rc" -eq 0 ]; then
