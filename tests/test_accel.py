@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import distillpp
-from distillpp.accel import Accelerator, GraphedNet, accelerate_net, check_compile
+from distillpp.accel import (Accelerator, GraphedNet, ModuleForward, _flatten, accelerate_module, accelerate_net,
+                              check_compile, routed_forwards)
 from distillpp.denoisers import CFGDenoiser, DiscreteVPDenoiser, unet_fn
 from distillpp.schedules import DiscreteVPSchedule, ddim_sigmas, initial_sample
 from distillpp.zoo.nets import make_unet
@@ -32,10 +33,17 @@ class FakeCapture:
         self.count += 1
         outputs = net(*args, **kwargs)
 
-        def replay():
-            outputs.copy_(net(*args, **kwargs))
+        def replay():  # nested outputs too (a text encoder's ModelOutput with its hidden-state tuple)
+            for static, fresh in zip(leaves(outputs), leaves(net(*args, **kwargs))):
+                static.copy_(fresh)
 
         return replay, outputs
+
+
+def leaves(obj):
+    tensors = []
+    _flatten(obj, tensors)
+    return tensors
 
 
 def scaled_net(sample, timestep, scale=1.0, cond=None):
@@ -312,3 +320,71 @@ def test_accelerate_net_takes_the_module_device_and_shares_one_pool_per_device()
     assert shared_accelerator("graphs", "cpu") is shared_accelerator("graphs", torch.device("cpu"))
     with pytest.raises(ValueError, match="compile"):
         accelerate_net(net, "cudagraphs", module=lin)
+
+
+# ------------------------------------------------------------------------------------------
+# Text encoders: graphed in place while diffusers' own encode_prompt calls them.
+# ------------------------------------------------------------------------------------------
+
+
+def _tiny_sdxl_pair(tmp_path):
+    from diffusers import StableDiffusionXLPipeline  # noqa: F401  (tiny_pipe builds it)
+    from test_pipelines_sd import tiny_pipe, tiny_unet
+    from tiny import clip_tokenizer
+
+    clip_tokenizer().save_pretrained(tmp_path)
+    return tiny_pipe(str(tmp_path), sdxl=True), tiny_unet(True, seed=5)
+
+
+def test_text_encoders_replayed_from_graphs_equal_eager_and_are_restored(tmp_path):
+    from distillpp.pipelines import DistillppPipeline
+
+    student, teacher = _tiny_sdxl_pair(tmp_path)
+    eager = DistillppPipeline(student, teacher)
+    fast = DistillppPipeline(student, teacher)
+    captures = FakeCapture()
+    fast._encoders = [(m, GraphedNet(ModuleForward(m), "cpu", name=n, capture=captures))
+                      for n, m in fast.family.text_encoders()]
+    assert [n for n, _ in fast.family.text_encoders()] == ["text_encoder", "text_encoder_2"]
+    kwargs = dict(output_type="latent", num_inference_steps=2, strength=0.3, guided_steps=1, teacher_cfg=3.0)
+    for seed in (0, 1):  # the first call captures both encoders; the second replays them
+        a = eager("a red fox", generator=torch.Generator().manual_seed(seed), **kwargs).images
+        b = fast("a red fox", generator=torch.Generator().manual_seed(seed), **kwargs).images
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert captures.count == 2
+    assert [g.replays for _, g in fast._encoders] == [2, 2]
+    assert all("forward" not in m.__dict__ for m, _ in fast._encoders)  # diffusers' modules are untouched after
+    with fast.fast_encoders():
+        emb = student.encode_prompt("a red fox", device="cpu", do_classifier_free_guidance=False)[0]
+    torch.testing.assert_close(emb, student.encode_prompt("a red fox", device="cpu",
+                                                          do_classifier_free_guidance=False)[0], rtol=0, atol=0)
+
+
+def test_text_encoders_stay_eager_off_cuda_and_routes_are_undone_on_errors():
+    lin = torch.nn.Linear(2, 2)
+    assert accelerate_module(lin, "graphs") is None and accelerate_module(lin, "inductor") is None  # CPU weights
+    assert accelerate_module(lin, None) is None
+    with pytest.raises(ValueError, match="compile"):
+        accelerate_module(lin, "fast")
+    fast = GraphedNet(ModuleForward(lin), "cpu", capture=FakeCapture())
+    x = torch.randn(3, 2)
+    with pytest.raises(RuntimeError, match="inside"), torch.no_grad():
+        with routed_forwards([(lin, fast)]):
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+            assert fast.replays == 1
+            raise RuntimeError("inside")
+    assert "forward" not in lin.__dict__ and lin(x).shape == (3, 2) and fast.replays == 1
+
+
+def test_compile_graphs_on_cpu_keeps_the_sd_pipeline_eager(tmp_path):
+    from distillpp.pipelines import DistillppPipeline
+
+    student, teacher = _tiny_sdxl_pair(tmp_path)
+    with pytest.warns(RuntimeWarning, match="compile='graphs' needs a CUDA device; running eagerly on cpu"):
+        fast = DistillppPipeline(student, teacher, compile="graphs")
+    assert fast._encoders == []
+    eager = DistillppPipeline(student, teacher)
+    kwargs = dict(output_type="latent", num_inference_steps=2, strength=0.3, guided_steps=1)
+    torch.testing.assert_close(fast("fox", generator=torch.Generator().manual_seed(0), **kwargs).images,
+                               eager("fox", generator=torch.Generator().manual_seed(0), **kwargs).images,
+                               rtol=0, atol=0)

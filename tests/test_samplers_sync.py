@@ -105,3 +105,40 @@ def test_non_finite_error_names_the_first_bad_step_after_the_run(who):
         distillpp.sample(student, x, sigmas, teacher=teacher, guidance=TeacherGuidance(strength=0.5, guided_steps=3))
     msg = str(err.value)
     assert f"the {who} returned" in msg and "step 1 (sigma=3" in msg, msg
+
+
+@pytest.fixture
+def device_reads(monkeypatch):
+    """Meta tensors stand in for GPU tensors: every read of one is recorded (it would synchronise).
+
+    A read of a bool meta tensor's values (the finiteness flags) answers "all finite"; any other raises.
+    """
+    log = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if self.device.type != "meta":
+                return _original(self, *args, **kwargs)
+            log.append(_name)
+            if _name == "tolist" and self.dtype == torch.bool:
+                return [True] * self.numel()
+            raise AssertionError(f"{_name}() of a device tensor {tuple(self.shape)} {self.dtype}")
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return log
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("guided", [False, True])
+def test_a_device_run_reads_back_only_its_finiteness_flags(device_reads, sampler, guided):
+    # The host grid is read as floats; of the device's tensors, only the flags are read, once per
+    # denoiser after the loop (the grid was copied to the device and read back three times before).
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0])
+    x = torch.empty(2, 3, 4, device="meta")
+    den = lambda x, sigma, **kw: 0.5 * x  # noqa: E731
+    kwargs = dict(teacher=den, guidance=TeacherGuidance(strength=0.3, guided_steps=2, noise="hybrid")) if guided \
+        else {}
+    out = distillpp.sample(den, x, sigmas, sampler=sampler, **kwargs)
+    assert out.device.type == "meta"
+    assert device_reads == ["tolist"] * (2 if guided else 1)

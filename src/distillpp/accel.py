@@ -37,17 +37,19 @@ after capture is detected through the first parameter's address and drops the st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 __all__ = ["COMPILE_MODES", "check_compile", "Accelerator", "GraphedNet", "accelerate_net",
-           "CaptureRecord", "shared_accelerator"]
+           "CaptureRecord", "shared_accelerator", "ModuleForward", "accelerate_module", "routed_forwards",
+           "host_to_device"]
 
 COMPILE_MODES = ("none", "graphs", "inductor")
 
@@ -104,7 +106,13 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        mapped = {k: _map_tensors(v, fn) for k, v in obj.items()}
+        if type(obj) is dict:
+            return mapped
+        try:  # a transformers ModelOutput (read by index and by attribute): rebuilt as its own type
+            return type(obj)(**mapped)
+        except TypeError:
+            return mapped
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map_tensors(v, fn) for v in obj)
     return obj
@@ -249,7 +257,10 @@ def cuda_capture(net: Net, args: tuple, kwargs: dict, device: torch.device, pool
 
 
 class GraphedNet:
-    """``net(sample, timestep, **cond)`` replayed from CUDA graphs, one per input signature.
+    """``net(*args, **kwargs)`` replayed from CUDA graphs, one per input signature.
+
+    Usually a denoising network ``net(sample, timestep, **cond)``; a text encoder's forward
+    (:class:`ModuleForward`) works alike.
 
     Returned outputs are fresh tensors (copied out of the graph's static outputs), so they stay
     valid across later calls. Calls that may need autograd (gradients enabled and an input or a
@@ -306,13 +317,13 @@ class GraphedNet:
         """The underlying module (for code that reads ``net.model`` from :func:`distillpp.unet_fn`)."""
         return self._state.module
 
-    def key(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> tuple:
+    def key(self, *args: Any, **kwargs: Any) -> tuple:
         """The signature a call is cached under (its adapter state, and its inputs' structure/shapes/dtypes)."""
-        return self._key_and_tensors(sample, timestep, cond)[0]
+        return self._key_and_tensors(args, kwargs)[0]
 
-    def _key_and_tensors(self, sample: Any, timestep: Any, cond: dict) -> tuple[tuple, Any, list[torch.Tensor]]:
+    def _key_and_tensors(self, args: tuple, kwargs: dict) -> tuple[tuple, Any, list[torch.Tensor]]:
         tensors: list[torch.Tensor] = []
-        spec = _flatten(((sample, timestep), cond), tensors)
+        spec = _flatten((args, kwargs), tensors)
         return (self._state.key(), spec), spec, tensors
 
     def reset(self) -> None:
@@ -323,28 +334,28 @@ class GraphedNet:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def __call__(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         token = self._state.weights_token()
         if token != self._weights:  # weights moved or were replaced: every graph reads stale addresses
             self.reset()
             self._weights = token
             self._trainable = self._state.trainable()
-        key, spec, tensors = self._key_and_tensors(sample, timestep, cond)
+        key, spec, tensors = self._key_and_tensors(args, kwargs)
         if torch.is_grad_enabled() and (self._trainable or any(t.requires_grad for t in tensors)):
             self.eager_calls += 1  # a replayed graph records nothing for autograd
-            return self.net(sample, timestep, **cond)
+            return self.net(*args, **kwargs)
         graph = self._graphs.get(key)
         started = None
         if graph is None:
             if key in self._eager_keys or not self._capturable(spec, tensors):
                 self._eager_keys.add(key)
                 self.eager_calls += 1
-                return self.net(sample, timestep, **cond)
+                return self.net(*args, **kwargs)
             started = self._sync_clock()
             graph = self._record(key, spec, tensors)
             if graph is None:
                 self.eager_calls += 1
-                return self.net(sample, timestep, **cond)
+                return self.net(*args, **kwargs)
         else:
             for dst, src in zip(graph.inputs, tensors):
                 if dst is not src:
@@ -587,3 +598,84 @@ def accelerate_net(
     if accelerator is None:
         accelerator = shared_accelerator(mode, device)
     return accelerator.wrap(net, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole modules called by code we do not own (text encoders inside diffusers' encode_prompt).
+# --------------------------------------------------------------------------------------------
+
+
+class ModuleForward:
+    """A module's own ``forward`` as a network callable (``.model`` is the module).
+
+    It calls the class's ``forward``, not the instance's, so :func:`routed_forwards` can point the
+    module's ``forward`` at an accelerated wrapper of this object without recursing.
+
+    Args:
+        module: the module (a text encoder).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.model = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+
+def accelerate_module(module: torch.nn.Module, mode: str | None, name: str | None = None) -> Net | None:
+    """A graphed ``forward`` for a whole module that other code calls (``None``: it stays eager).
+
+    Meant for text encoders: their inputs have fixed shapes (77 CLIP tokens, a fixed T5 length), so
+    one graph per batch size replays every later call. ``"inductor"`` captures them as graphs of
+    their eager kernels too: compiling an encoder costs a minute for about a millisecond per call.
+    A module that is not on a CUDA device, or whose ``forward`` is already replaced on the instance
+    (accelerate's offload hooks move weights in it), stays eager.
+
+    Args:
+        module: the module.
+        mode: ``"none"``, ``"graphs"`` or ``"inductor"`` (``None`` = ``"none"``).
+        name: name for notices and capture records.
+
+    Raises:
+        ValueError: unknown ``mode`` (the message names ``compile``).
+    """
+    if check_compile(mode) == "none" or "forward" in module.__dict__:
+        return None
+    p = next(module.parameters(), None)
+    if p is None or p.device.type != "cuda":
+        return None
+    return accelerate_net(ModuleForward(module), "graphs", p.device, name or type(module).__name__)
+
+
+@contextlib.contextmanager
+def routed_forwards(routes: Sequence[tuple[torch.nn.Module, Net]]) -> Iterator[None]:
+    """Inside the block each ``module(...)`` runs its accelerated ``forward``; restored on exit, errors too.
+
+    The module stays what its owner holds (its ``dtype``, ``config``, hooks and ``__call__`` are
+    untouched); only the instance's ``forward`` attribute is set for the duration of the block.
+
+    Args:
+        routes: ``(module, accelerated forward)`` pairs, as :func:`accelerate_module` gives them.
+    """
+    patched: list[torch.nn.Module] = []
+    try:
+        for module, fast in routes:
+            module.forward = fast
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)`` without a host synchronisation when it copies host memory to a GPU.
+
+    A blocking copy from pageable host memory waits for the GPU stream to drain; a non-blocking one
+    from pinned memory is queued behind the work already issued (the pinned buffer is kept alive by
+    PyTorch's caching host allocator until the copy has run).
+    """
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -107,13 +107,18 @@ class _ShapeCheckedStudent:
         self.checked = False
         self.finite: list[tuple[torch.Tensor, torch.Tensor]] = []  # (all finite?, sigma) per call, on device
 
-    def raise_if_non_finite(self, grid: list[float]) -> None:
-        """Raise :class:`NonFiniteError` naming the step of the first call that returned NaN/Inf (one host read)."""
+    def raise_if_non_finite(self, sigmas: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteError` naming the step of the first call that returned NaN/Inf (one host read).
+
+        Args:
+            sigmas: the run's grid, read only to name the step when a call went bad.
+        """
         if not self.finite:
             return
         flags = torch.stack([ok for ok, _ in self.finite]).tolist()
         if all(flags):
             return
+        grid = sigmas.tolist()
         sigma = float(self.finite[flags.index(False)][1])
         # The step whose interval holds this sigma (a midpoint evaluation belongs to the step it starts from).
         step = max([i for i, s in enumerate(grid[:-1]) if s >= sigma * (1 - 1e-6)], default=0)
@@ -177,7 +182,8 @@ def sample(
         extra_args: conditioning for the student.
         teacher_args: conditioning for the teacher (defaults to ``extra_args``).
         callback: called every step with a dict (``x``, ``i``, ``sigma``, ``denoised``,
-            ``student_denoised``, ``guidance``: a :class:`GuidanceInfo` on guided steps, else ``None``).
+            ``student_denoised``, ``guidance``: a :class:`GuidanceInfo` on guided steps, else ``None``);
+            ``sigma`` and ``sigma_next`` are 0-d tensors of the grid on the host (read without a sync).
         disable: disable the progress bar (default ``True``; ``False`` shows it).
         teacher_schedule: the teacher's :class:`~distillpp.DiscreteVPSchedule`, from which
             ``renoise="random"`` draws integer timesteps. ``schedule``: the student's, which ``"tcd"``
@@ -229,18 +235,25 @@ def sample(
     if sampler == "tcd":
         sampler_kwargs["schedule"] = _declared_schedule(student) if schedule is None else schedule
     student = _ShapeCheckedStudent(student)
-    sigmas = sigmas.to(x.device)
+    # The grid stays on the host: the sampler and the guide read it as floats once per run, and
+    # reading back a device copy would synchronise with the GPU (models get each step's sigma as a
+    # device tensor filled from a float). A guide that draws teacher timesteps (renoise="random")
+    # is bound to a device grid so that it copies its timestep table to the GPU before the loop
+    # rather than at the first guided step.
+    grid = sigmas.cpu()
     guide = None
     if teacher is not None and guidance is not None:
-        guide = guidance.bind(teacher, sigmas, generator, extra_args if teacher_args is None else teacher_args,
-                              _declared_schedule(teacher) if teacher_schedule is None else teacher_schedule)
+        schedule_t = _declared_schedule(teacher) if teacher_schedule is None else teacher_schedule
+        table = guidance.renoise == "random" and hasattr(schedule_t, "sigma_to_t")
+        guide = guidance.bind(teacher, grid.to(x.device) if table else grid, generator,
+                              extra_args if teacher_args is None else teacher_args, schedule_t)
     out = SAMPLERS[sampler](
-        student, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+        student, x, grid, extra_args=extra_args, callback=callback, disable=disable,
         generator=generator, guide=guide, **sampler_kwargs,
     )
     if guide is not None:
         guide.raise_if_non_finite()  # one host read per run, after the loop
-    student.raise_if_non_finite(sigmas.tolist())
+    student.raise_if_non_finite(grid)
     return out
 
 

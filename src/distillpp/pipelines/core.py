@@ -196,6 +196,10 @@ class ModelFamily:
     def check_pair(self) -> None:
         """Raise a ValueError when student and teacher cannot share inputs and conditioning."""
 
+    def text_encoders(self) -> list[tuple[str, torch.nn.Module]]:
+        """``(name, module)`` of each text encoder :meth:`encode` calls (graphed under ``compile=``)."""
+        return []
+
     @property
     def device(self) -> torch.device:
         """The execution device (where the student runs), looked up once and again after :meth:`to`.
@@ -281,7 +285,9 @@ class ModelFamily:
             noise = call.latents.to(self.device)
         else:
             noise = self.draw_noise(call, dtype)
-        return self.noise.initial(noise.to(self.device, torch.float32), sigmas.to(self.device))
+        # The grid stays on the host: the start scale is one float of it, and a device copy read
+        # back here would synchronise with the GPU.
+        return self.noise.initial(noise.to(self.device, torch.float32), sigmas)
 
     def student_denoiser(self, net: Callable[..., torch.Tensor], call: Call) -> Callable[..., torch.Tensor]:
         """The student denoiser over ``net`` (the student network, possibly accelerated)."""
@@ -314,6 +320,10 @@ class DiffusersFamily(ModelFamily):
 
     def find_device(self) -> torch.device:
         return self.owner._execution_device
+
+    def text_encoders(self) -> list[tuple[str, torch.nn.Module]]:
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [(n, getattr(self.owner, n)) for n in names if isinstance(getattr(self.owner, n, None), torch.nn.Module)]
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> None:
         self.owner.to(device=device, dtype=dtype) if dtype is not None else self.owner.to(device)
@@ -407,6 +417,7 @@ class GuidedPipeline:
         self._progress_disable = True
         self._student_net: Callable[..., torch.Tensor] | None = None
         self._teacher_net: Callable[..., torch.Tensor] | None = None
+        self._encoders: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
         if family.teacher_kind == "adapter-off":
             ensure_adapter_switchable(family.teacher_module, family.owner, unfuse=family.unfuse,
                                       component=family.component)
@@ -444,6 +455,28 @@ class GuidedPipeline:
             self._teacher_net = net if self.teacher_offload else self._accelerate(net, fam.teacher_module, "teacher")
         else:
             self._teacher_net = None
+        # Text encoders run inside the family's (diffusers') own encode code: their forwards are
+        # routed through graphs for the duration of each encode (see fast_encoders).
+        self._encoders = []
+        if self.compile != "none":
+            from ..accel import accelerate_module
+
+            for name, module in fam.text_encoders():
+                fast = accelerate_module(module, self.compile, name)
+                if fast is not None:
+                    self._encoders.append((module, fast))
+
+    def fast_encoders(self) -> Any:
+        """A context manager inside which the text encoders run on the fast path (replayed graphs).
+
+        Every pipeline call encodes its prompts inside it. Encoders are graphed, not compiled, under
+        both ``"graphs"`` and ``"inductor"``; with ``compile="none"``, on a CPU, or for an encoder
+        with accelerate offload hooks it changes nothing. Prompts are encoded anew on every call
+        (nothing is cached across calls): what is reused is the recorded kernels.
+        """
+        from ..accel import routed_forwards
+
+        return routed_forwards(self._encoders)
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "GuidedPipeline":
         """Move the student (and a teacher kept beside it) like ``DiffusionPipeline.to``."""
@@ -608,7 +641,8 @@ class GuidedPipeline:
             fam.check_guidance(g, sigmas)
         call.state["teacher_cfg"] = g.teacher_cfg if g.teacher_cfg is not None else self.guidance.teacher_cfg
         student_cfg = fam.student_uses_cfg(call)
-        cond = fam.encode(call, student_cfg, uses_teacher)
+        with self.fast_encoders():
+            cond = fam.encode(call, student_cfg, uses_teacher)
         x = fam.initial(call, sigmas, fam.noise_dtype(cond))
         student = fam.student_denoiser(self._student_net, call)
         teacher = fam.teacher_denoiser(self._teacher_net, call) if uses_teacher else None

@@ -307,7 +307,7 @@ class _TransformerFamily(DiffusersFamily):
         if call.latents is not None and tuple(call.latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(call.latents.shape)}")
         noise = self.prepare_latents(call, dtype)
-        return self.noise.initial(noise.to(self.device), sigmas.to(self.device))
+        return self.noise.initial(noise.to(self.device), sigmas)  # host grid: no read back from the GPU
 
     def decode(self, latents: torch.Tensor, call: Call) -> tuple[Any, Any]:
         """The student pipeline's own decoding: un-scale, VAE decode, post-process (latents: cast only)."""

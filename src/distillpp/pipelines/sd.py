@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..accel import host_to_device
 from ..denoisers import CFGDenoiser, lcm_guidance_embedding, unet_fn
 from ..diffusers_schedulers import SCHEDULERS, scheduler_config
 from ..guidance import TeacherGuidance
@@ -168,7 +169,7 @@ class SDFamily(DiffusersFamily):
         size = (call.height, call.width)
         proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pos.dtype, text_encoder_projection_dim=proj)
-        time_ids = time_ids.to(device).repeat(pos.shape[0], 1)
+        time_ids = host_to_device(time_ids, device).repeat(pos.shape[0], 1)  # no wait for the encoders' GPU work
         cond = {"encoder_hidden_states": pos, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
         if not do_cfg:
             return cond, None
@@ -185,7 +186,7 @@ class SDFamily(DiffusersFamily):
                                    "cfg_scale": call.guidance_scale}
         if self.lcm_embedding_dim is not None:
             emb = lcm_guidance_embedding(call.guidance_scale - 1, self.lcm_embedding_dim, batch=call.batch)
-            student["cond"]["timestep_cond"] = emb.to(self.device, emb_dtype)
+            student["cond"]["timestep_cond"] = host_to_device(emb.to(emb_dtype), self.device)
         if not teacher:
             return Conditioning(student)
         t_uncond = None
