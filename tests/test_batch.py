@@ -219,3 +219,29 @@ def test_generates_guidance_flags_and_override_file_reach_the_images_and_the_man
     assert main(_args(tmp_path, "both", "--overrides", str(ov), "--strength", "0.1")) == 0
     assert [r["sha256"] for r in manifest("both")] == [r["sha256"] for r in low]
     assert [r["sha256"] for r in rows] != [r["sha256"] for r in low]
+
+
+def test_timings_file_counts_the_images_after_each_workers_first_batch(tmp_path, standin, capsys):
+    timings = tmp_path / "t.json"
+    argv = _args(tmp_path, "a", "--batch-size", "3", "--timings", str(timings))  # 10 images: chunks 3, 3, 3, 1
+    assert main(argv) == 0
+    report = json.loads(timings.read_text())
+    assert (report["images_made"], report["images_skipped"], report["steady_images"]) == (10, 0, 7)
+    assert len(report["workers"]) == 1 and report["workers"][0]["generate_seconds"] > 0
+    assert report["steady_images_per_s"] > 0 and report["seconds"] >= report["steady_seconds"] > 0
+    assert main(argv) == 0  # finished: nothing made, so no steady rate
+    report = json.loads(timings.read_text())
+    assert (report["images_made"], report["images_skipped"], report["steady_images_per_s"]) == (0, 10, None)
+    capsys.readouterr()
+    _fails_with(capsys, [*argv, "--engine", "ray"], "--timings is measured by the local engine only")
+
+
+def test_without_syncfs_each_image_is_fsynced_and_the_bytes_are_the_same(tmp_path, standin, monkeypatch):
+    assert main(_args(tmp_path, "a")) == 0
+    synced = []
+    monkeypatch.setattr(batch, "_syncfs", lambda: None)
+    monkeypatch.setattr(batch.os, "fsync", lambda fd: synced.append(fd))
+    assert main(_args(tmp_path, "b")) == 0
+    assert len(synced) >= 10 + 2  # ten images, then the folder and the journal, at least
+    snap = lambda out: {p.name: p.read_bytes() for p in (tmp_path / out).iterdir() if p.is_file()}  # noqa: E731
+    assert snap("a") == snap("b")

@@ -909,17 +909,26 @@ def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, gu
         bar = _progress(total, total - missing, desc, dist.rank)
         writer = _ChunkWriter(folder, done, description)
         steady = None
+        # Where this process's time goes: pipeline calls (noise, networks, PIL images) and waiting for
+        # the writer pool (encoding, writes, syncfs and journal beyond what overlaps the next call).
+        timing["generate_seconds"] = timing["write_wait_seconds"] = 0.0
         try:
             for chunk in todo:
+                t = time.perf_counter()
                 images = generate_images(pipe, chunk, guidance, steps)
+                timing["generate_seconds"] += time.perf_counter() - t
                 if steady is None:
                     # Steady state starts once the first chunk is out: CUDA context, kernel selection and
                     # caches are warm from here on (the first chunk's writes still fall inside the window).
                     timing["steady_start"], steady = time.time(), 0
                 else:
                     steady += sum(1 for it in chunk if it.key not in done)
+                t = time.perf_counter()
                 bar.update(writer.submit(zip(chunk, images)))
+                timing["write_wait_seconds"] += time.perf_counter() - t
+            t = time.perf_counter()
             bar.update(writer.drain())
+            timing["write_wait_seconds"] += time.perf_counter() - t
         except BaseException:
             with contextlib.suppress(Exception):
                 writer.drain()  # keep the images made before the error
