@@ -90,11 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------ running batch
 
 
+def _threads(args: argparse.Namespace) -> int:
+    """CPU threads per process, the same in every run: one core each on the CPU (as each process would own
+    a GPU), else the machine's cores split between the N processes (torchrun alone would give each one)."""
+    return 1 if args.device == "cpu" else max(1, (os.cpu_count() or 1) // args.nproc)
+
+
 def _env(args: argparse.Namespace, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
-    if args.device == "cpu":
-        env.setdefault("OMP_NUM_THREADS", "1")  # each process one core, as each would own one GPU
-    return env
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(_threads(args)), **extra}
 
 
 def _prompts(work: Path, rows: int) -> Path:
@@ -361,7 +364,8 @@ def markdown(report: dict) -> str:
         f"torch {m.get('torch')}; commit {m.get('commit') or 'not recorded'}.",
         f"Preset {report['settings']['preset']} (its default teacher guidance), {report['settings']['images']} "
         f"images ({report['settings']['rows']} rows x {report['settings']['images_per_prompt']}), batch size "
-        f"{report['settings']['batch_size']}. Command: `{report['command']}`",
+        f"{report['settings']['batch_size']}, OMP_NUM_THREADS={report['settings']['omp_num_threads']} in every "
+        f"process. Command: `{report['command']}`",
         "",
         *rows,
         "",
@@ -446,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         report["calibration"] = calibration
         report["settings"] = {"device": args.device, "preset": args.preset, "images": images, "rows": rows,
                               "images_per_prompt": args.images_per_prompt, "batch_size": args.batch_size,
-                              "nproc": args.nproc, "target_seconds": args.target_seconds, "kill_at": args.kill_at}
+                              "nproc": args.nproc, "target_seconds": args.target_seconds, "kill_at": args.kill_at,
+                              "omp_num_threads": _threads(args)}
         one = run_batch(args, "one", 1, prompts, work)
         many = run_batch(args, "many", args.nproc, prompts, work)
         report["runs"] = {"one": one, "many": many}
