@@ -388,3 +388,23 @@ def test_compile_graphs_on_cpu_keeps_the_sd_pipeline_eager(tmp_path):
     torch.testing.assert_close(fast("fox", generator=torch.Generator().manual_seed(0), **kwargs).images,
                                eager("fox", generator=torch.Generator().manual_seed(0), **kwargs).images,
                                rtol=0, atol=0)
+
+
+def test_inductor_cache_defaults_under_home_unless_the_user_chose_one(monkeypatch, tmp_path):
+    import os
+
+    from distillpp.accel import _torch_default_cache
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ours = os.path.join(str(tmp_path), ".cache", "distillpp", "torchinductor")
+    # Importing diffusers' pipelines writes PyTorch's /tmp default into the variable: still replaced.
+    for preset in (None, _torch_default_cache()):
+        if preset is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", preset)
+        Accelerator("inductor", "cpu")
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == ours
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    Accelerator("inductor", "cpu")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -27,6 +27,11 @@ Modes (the ``compile=`` option of the pipelines and ``--compile`` of the CLI):
   ``~/.cache/distillpp/torchinductor`` when unset, so the cache outlives ``/tmp``). Off CUDA the
   compiled network runs without graphs.
 
+Text encoders are called by code we do not own (diffusers' ``encode_prompt``): :func:`accelerate_module`
+graphs a whole module's ``forward`` and :func:`routed_forwards` points the module at it for the
+duration of one encode, so the pipelines replay their encoders from graphs too (fixed token lengths:
+one graph per batch size). Prompts are still encoded on every call; only the kernels are reused.
+
 A captured graph replays the kernels, and reads the weights at the addresses, of the moment of
 capture. So: a LoRA model's adapter state is part of the signature (the adapter-off teacher of a
 LoRA student is its own graph); a network whose weights are swapped in per call
@@ -405,9 +410,19 @@ class GraphedNet:
 # --------------------------------------------------------------------------------------------
 
 
+def _torch_default_cache() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # pragma: no cover - moved in another torch version
+        return None
+    return default_cache_dir()
+
+
 def _default_inductor_cache() -> str:
     folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if folder:
+    # Importing diffusers' pipelines already asks inductor for its cache folder, which writes
+    # PyTorch's /tmp default into the variable: that value is not a user's choice.
+    if folder and folder != _torch_default_cache():
         return folder
     folder = os.path.join(os.path.expanduser("~"), ".cache", "distillpp", "torchinductor")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # read lazily by inductor at its first compile
