@@ -161,8 +161,8 @@ def time_paired(calls: dict[str, Callable[[], Any]], runs: int, warmup: int, dev
 
     Eager PyTorch is bound by the CPU's kernel launches, so its latency wanders with the host's
     load and clocks; timed one after the other, two eager paths can differ by more than they do.
-    Returns each call's summary and, for each call after the first, the median of its per-round
-    ratio to the first.
+    Returns each call's summary (with its raw ``times_ms``, in round order) and, for each call after
+    the first, the median of its per-round ratio to the first.
     """
     for _ in range(warmup):
         for fn in calls.values():
@@ -171,7 +171,7 @@ def time_paired(calls: dict[str, Callable[[], Any]], runs: int, warmup: int, dev
     for _ in range(runs):
         for k, fn in calls.items():
             times[k].append(_once(fn, device))
-    out: dict[str, Any] = {k: summary(v) for k, v in times.items()}
+    out: dict[str, Any] = {k: {**summary(v), "times_ms": v} for k, v in times.items()}
     first = next(iter(calls))
     out["ratio_to_first (median of per-round ratios)"] = {
         k: round(statistics.median(a / b for a, b in zip(times[k], times[first])), 4) for k in calls if k != first}
@@ -238,6 +238,8 @@ class Report:
     def save(self) -> None:
         with open(os.path.join(self.out, "gpu_latency.json"), "w") as f:
             json.dump(self.data, f, indent=2, default=str)
+        with open(os.path.join(self.out, "gpu_latency.md"), "w") as f:  # also when a run is cut short
+            f.write(markdown(self.data))
 
 
 def guarded(report: Report, section: str, key: str, fn: Callable[[], Any]) -> Any:
@@ -573,9 +575,9 @@ def sdxl_section(report: Report, args: argparse.Namespace, device: torch.device,
     if device.type == "cuda" and "floor" in args.sections and time.perf_counter() < deadline - 60:
         floor_variants(FloorProbe(report, "sdxl floor (batch 1, under graphs)", student_unet, inputs_of, args.runs,
                                   args.warmup, device, peak_tflops))
-    if "pipeline" in args.sections and time.perf_counter() < deadline - 120:
+    if {"pipeline", "pipeline-inductor"} & set(args.sections) and time.perf_counter() < deadline - 120:
         guarded(report, "sdxl pipeline", "_section",
-                lambda: pipeline_section(report, args, device, dtype, student_unet, side))
+                lambda: pipeline_section(report, args, device, dtype, student_unet, side, deadline))
     if "lora" in args.sections and time.perf_counter() < deadline - 45:
         guarded(report, section, "equality: LoRA student / adapter-off teacher, fast vs eager guided 4+1 b1",
                 lambda: lora_equality(teacher_unet, lambda s_net, t_net: sdxl_sampler(
@@ -616,6 +618,9 @@ def sdxl_paired(report: Report, args: argparse.Namespace, device: torch.device, 
         "fast guided 4+1": lambda: fast(4, True),
     }
     res = time_paired(calls, args.runs, args.warmup, device)
+    for v in res.values():
+        if isinstance(v, dict):
+            v.pop("times_ms", None)
     print("  interleaved b1: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in res.items() if "median_ms" in v)
           + f"; ratios {res['ratio_to_first (median of per-round ratios)']}", flush=True)
     return res
@@ -698,84 +703,312 @@ def sdxl_sampling(report: Report, args: argparse.Namespace, device: torch.device
     free()
 
 
-def pipeline_section(report: Report, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-                     student_unet: Any, side: int) -> None:
-    """The real :class:`~distillpp.pipelines.DistillppPipeline` (random SDXL-size text encoders), eager and fast.
+class ArgsRecorder:
+    """Wraps a pipeline's network for one call and keeps the arguments of its first call per batch size."""
 
-    Pipeline calls with ``output_type="latent"`` include prompt encoding; encoding is also timed on its
-    own (diffusers' ``encode_prompt``), as is diffusers' own pipeline given the same prompt.
+    def __init__(self, net: Callable[..., Any]):
+        self.net, self.args_by_batch = net, {}
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> Any:
+        self.args_by_batch.setdefault(int(sample.shape[0]), ((sample, timestep), cond))
+        return self.net(sample, timestep, **cond)
+
+
+def recorded_forwards(pipe: Any, calls: list[Callable[[], Any]]) -> dict[str, tuple[Callable[[], Any], int]]:
+    """The pipeline's own (graphed) student and teacher networks, replayable on arguments they got in ``calls``.
+
+    Returns ``{"student bN" / "teacher bN": (forward, N)}``: each replays exactly what the pipeline
+    replays, so their times are the graph floor of the pipeline's forwards, measured in the same run.
+    """
+    nets = {"student": ArgsRecorder(pipe._student_net), "teacher": ArgsRecorder(pipe._teacher_net)}
+    pipe._student_net, pipe._teacher_net = nets["student"], nets["teacher"]
+    try:
+        for call in calls:
+            call()
+    finally:
+        pipe._student_net, pipe._teacher_net = nets["student"].net, nets["teacher"].net
+    out = {}
+    for who, rec in nets.items():
+        for b, (a, k) in sorted(rec.args_by_batch.items()):
+            def forward(net=rec.net, a=a, k=k):
+                with torch.no_grad():
+                    return net(*a, **k)
+
+            out[f"{who} b{b}"] = (forward, b)
+    return out
+
+
+def per_round(times: dict[str, list[float]], fn: Callable[..., float], *keys: str) -> dict[str, Any] | None:
+    """Median and [min-max] over rounds of ``fn(*one round's times of keys)``, or None if a key is missing."""
+    if not all(k in times for k in keys):
+        return None
+    vals = [fn(*r) for r in zip(*(times[k] for k in keys))]
+    return {"median": round(statistics.median(vals), 4), "min": round(min(vals), 4), "max": round(max(vals), 4)}
+
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+
+
+def pipeline_section(report: Report, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                     student_unet: Any, side: int, deadline: float) -> None:
+    """The real :class:`~distillpp.pipelines.DistillppPipeline` over random SDXL-size text encoders and UNets.
+
+    Sections ``pipeline`` (:func:`pipeline_rounds`) and ``pipeline-inductor`` (:func:`pipeline_inductor`).
     """
     import tempfile
 
-    from distillpp.accel import shared_accelerator
-    from distillpp.pipelines import DistillppPipeline
     from sdxl_gpu_latency import make_components  # random SDXL-size text encoders and a byte-level tokenizer
 
-    section = "sdxl pipeline"
     components, teacher_unet = make_components(args.tiny, str(device), dtype, tempfile.mkdtemp(prefix="gpu_latency_"))
     student_pipe = diffusers_sdxl(components["vae"], student_unet, text_encoder=components["text_encoder"],
                                   text_encoder_2=components["text_encoder_2"], tokenizer=components["tokenizer"],
                                   tokenizer_2=components["tokenizer_2"])
-    prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed"
-    common = dict(height=side, width=side, output_type="latent", num_inference_steps=4)
 
-    def encode():
-        return student_pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
+    def calls_of(pipe: Any) -> Callable[[int, int, bool], Callable[[], Any]]:
+        """``make(batch, steps, guided)`` -> one call of ``pipe`` (latents out, prompt encoding included)."""
+        return lambda b, steps, guided: lambda: pipe(
+            PROMPT, num_images_per_prompt=b, generator=torch.Generator(device).manual_seed(0),
+            num_inference_steps=steps, strength=0.05 if guided else 0.0, guided_steps=1, teacher_cfg=TEACHER_CFG,
+            height=side, width=side, output_type="latent")
 
-    with torch.no_grad():
-        guarded(report, section, "prompt encoding b1 (eager, diffusers encode_prompt)",
-                lambda: time_it(encode, args.runs, args.warmup, device))
-
-    def diffusers_call():
-        return student_pipe(prompt, guidance_scale=0.0, generator=torch.Generator(device).manual_seed(0), **common)
-
-    def timed(call: Callable[[], Any], label: str) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        first = time.perf_counter() - t0
-        res = time_it(call, args.runs, args.warmup, device)
-        res["first_call_s"] = round(first, 3)
-        res["peak_mem_gib"] = peak_memory(call, device)
-        print(f"  pipeline {label:30s} {res['median_ms']:9.1f} ms  [{res['min_ms']:.1f}, {res['max_ms']:.1f}]  "
-              f"first {first:.2f} s", flush=True)
-        return res
-
-    guarded(report, section, "diffusers eager plain 4 b1 (with encoding)", lambda: timed(diffusers_call, "diffusers"))
-    latents, calls = {}, {"diffusers eager plain 4": diffusers_call}
-    for mode in ("none", "graphs"):
-        pipe = DistillppPipeline(student_pipe, teacher_unet, compile=mode)
-        n_before = len(shared_accelerator(mode, device).records) if mode != "none" else 0
-        path = "eager" if mode == "none" else "fast"
-        for label, strength in (("plain 4", 0.0), ("guided 4+1", 0.05)):
-            def call(pipe=pipe, strength=strength):
-                return pipe(prompt, generator=torch.Generator(device).manual_seed(0), strength=strength,
-                            guided_steps=1, teacher_cfg=TEACHER_CFG, **common)
-
-            res = guarded(report, section, f"{path} {label} b1 (with encoding)", lambda: timed(call, f"{path} {label}"))
-            if "median_ms" in res:
-                calls[f"{path} {label}"] = call
-                if label == "guided 4+1":
-                    latents[path] = call().images
-        if mode != "none":
-            recs = shared_accelerator(mode, device).records[n_before:]
-            report.put(section, "first calls (fast path)", [{"net": r.name, "shape": r.signature,
-                                                             "s": round(r.seconds, 3)} for r in recs])
-    if len(latents) == 2:
-        report.put(section, "equality: fast vs eager guided 4+1 b1 (latents)", diff(latents["fast"], latents["eager"]))
-
-    def paired():
-        res = time_paired(calls, args.runs, args.warmup, device)
-        print("  pipelines interleaved b1: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in res.items()
-                                                           if "median_ms" in v), flush=True)
-        return res
-
-    guarded(report, section, "interleaved b1 (with encoding)", paired)
-    del calls
+    if "pipeline" in args.sections:
+        pipeline_rounds(report, args, device, dtype, student_pipe, teacher_unet, components["vae"], side, deadline,
+                        calls_of)
+    if "pipeline-inductor" in args.sections:
+        guarded(report, "sdxl pipeline: compile='inductor'", "_section", lambda: pipeline_inductor(
+            report, args, device, student_pipe, teacher_unet, calls_of, deadline))
     del student_pipe, teacher_unet, components
     free()
+
+
+def pipeline_rounds(report: Report, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                    student_pipe: Any, teacher_unet: Any, vae: Any, side: int, deadline: float,
+                    calls_of: Callable[[Any], Callable[[int, int, bool], Callable[[], Any]]]) -> None:
+    """Every path of the real pipeline interleaved, round by round, with its own graph floor.
+
+    Every call has ``output_type="latent"`` and includes prompt encoding (diffusers' and ours alike);
+    encoding and VAE decode are also timed on their own. One round calls, in turn: diffusers' eager
+    pipeline, ours eager and fast (``compile="graphs"``: UNets and text encoders replayed from graphs),
+    encoding eager and fast, with ``--teacher-device`` the fast guided call with the teacher there, and
+    the pipeline's own graphed student and teacher forwards on the arguments of its calls (the graph
+    floor, in the same run).
+    """
+    import copy
+
+    from distillpp.accel import Accelerator, shared_accelerator
+    from distillpp.pipelines import DistillppPipeline
+
+    section = "sdxl pipeline"
+    prompt = PROMPT
+    pipes = {"eager": DistillppPipeline(student_pipe, teacher_unet, compile="none")}
+    graphs_acc = shared_accelerator("graphs", device)
+    n_records = len(graphs_acc.records)
+    pipes["fast"] = DistillppPipeline(student_pipe, teacher_unet, compile="graphs")
+    report.put(section, "model", {"image": f"{side}x{side}", "dtype": str(dtype).replace("torch.", ""),
+                                  "text encoders graphed (fast)": len(pipes["fast"]._encoders),
+                                  "calls": "output_type='latent', prompt encoding included; CFG 7.5 teacher as one "
+                                           "batch-2B forward; strength 0.05 on step 1 of 4 (guided)"})
+
+    def ours(path: str, b: int, steps: int, guided: bool) -> Callable[[], Any]:
+        return calls_of(pipes[path])(b, steps, guided)
+
+    def theirs(b: int) -> Callable[[], Any]:
+        return lambda: student_pipe(prompt, num_images_per_prompt=b, guidance_scale=0.0, num_inference_steps=4,
+                                    generator=torch.Generator(device).manual_seed(0), height=side, width=side,
+                                    output_type="latent")
+
+    def encode(path: str) -> Callable[[], Any]:
+        def run():
+            with torch.no_grad(), (pipes["fast"].fast_encoders() if path == "fast" else contextlib.nullcontext()):
+                return student_pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return run
+
+    rounds: dict[int, dict[str, Callable[[], Any]]] = {1: {}, 4: {}}
+    rounds[1] = {"diffusers eager plain 4": theirs(1), "eager plain 4": ours("eager", 1, 4, False),
+                 "eager guided 4+1": ours("eager", 1, 4, True), "fast plain 4": ours("fast", 1, 4, False),
+                 "fast plain 5": ours("fast", 1, 5, False), "fast guided 4+1": ours("fast", 1, 4, True),
+                 "encode eager": encode("eager"), "encode fast": encode("fast")}
+    rounds[4] = {"fast plain 4": ours("fast", 4, 4, False), "fast plain 5": ours("fast", 4, 5, False),
+                 "fast guided 4+1": ours("fast", 4, 4, True)}
+    if args.teacher_device:
+        second = copy.deepcopy(teacher_unet)  # the pipeline moves its teacher there
+        n_second = len(shared_accelerator("graphs", torch.device(args.teacher_device)).records) \
+            if torch.device(args.teacher_device).type == "cuda" else 0
+        pipes["fast, teacher on " + args.teacher_device] = DistillppPipeline(
+            student_pipe, second, compile="graphs", teacher_device=args.teacher_device)
+        rounds[1][f"fast guided 4+1, teacher on {args.teacher_device}"] = ours(
+            "fast, teacher on " + args.teacher_device, 1, 4, True)
+
+    # First calls (the fast ones capture: UNets per batch, encoders once) and peak memory, one at a time.
+    firsts: dict[str, Any] = {}
+    for b, calls in rounds.items():
+        for label, call in calls.items():
+            if label.startswith("encode"):
+                continue
+            n0 = len(graphs_acc.records)
+            t0 = time.perf_counter()
+            try:
+                call()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                entry = {"first_call_s": round(time.perf_counter() - t0, 3),
+                         "captures": [f"{r.name} {r.signature} {r.seconds:.3f} s" for r in graphs_acc.records[n0:]],
+                         "peak_mem_gib": peak_memory(call, device)}
+            except Exception as e:  # noqa: BLE001 - reported, and the row leaves the rounds
+                entry = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                calls[label] = None
+            firsts[f"{label} b{b}"] = entry
+            print(f"  first call {label} b{b}: {entry}", flush=True)
+        rounds[b] = {k: v for k, v in calls.items() if v is not None}
+    report.put(section, "first calls and peak memory", firsts)
+    records = graphs_acc.records[n_records:]
+    if args.teacher_device and torch.device(args.teacher_device).type == "cuda":
+        records = records + shared_accelerator("graphs", torch.device(args.teacher_device)).records[n_second:]
+    report.put(section, "captures (compile='graphs')", [{"net": r.name, "shape": r.signature, "s": round(r.seconds, 3)}
+                                                         for r in records])
+
+    # The graph floor: the fast pipeline's own forwards, on the arguments of its calls.
+    guided_calls = [c for c in (rounds[1].get("fast guided 4+1"), rounds[4].get("fast guided 4+1")) if c is not None]
+    for name, (fn, b) in recorded_forwards(pipes["fast"], guided_calls).items():
+        rounds[1 if b <= 2 else 4][f"floor: {name} forward"] = fn
+
+    def equality():  # the same guided call, fast and eager (and with the teacher on the other device)
+        latents = {k: rounds[1][k]().images for k in rounds[1] if "guided" in k}
+        return {f"{k} vs eager guided 4+1": diff(v, latents["eager guided 4+1"]) for k, v in latents.items()
+                if k != "eager guided 4+1"}
+
+    guarded(report, section, "equality (latents, b1)", equality)
+
+    for b, calls in rounds.items():
+        if time.perf_counter() > deadline - 30:
+            report.put(section, f"interleaved b{b} (with encoding)", {"skipped": "past --budget-s"})
+            continue
+
+        def paired(calls=calls, b=b):
+            res = time_paired(calls, args.runs, args.warmup, device)
+            times = {k: v.pop("times_ms") for k, v in res.items() if isinstance(v, dict) and "times_ms" in v}
+            s, t = f"floor: student b{b} forward", f"floor: teacher b{2 * b} forward"
+            derived = {
+                "fast guided 4+1 / floor (4 student + 1 teacher forward)": per_round(
+                    times, lambda g, s1, t1: g / (4 * s1 + t1), "fast guided 4+1", s, t),
+                "fast plain 4 / floor (4 student forwards)": per_round(
+                    times, lambda p, s1: p / (4 * s1), "fast plain 4", s),
+                "fast plain 5 / floor (5 student forwards)": per_round(
+                    times, lambda p, s1: p / (5 * s1), "fast plain 5", s),
+                "(fast guided 4+1 - encode fast) / floor": per_round(
+                    times, lambda g, e, s1, t1: (g - e) / (4 * s1 + t1), "fast guided 4+1", "encode fast", s, t),
+                "diffusers eager plain 4 / fast plain 4 (speed-up)": per_round(
+                    times, lambda d, f: d / f, "diffusers eager plain 4", "fast plain 4"),
+                "eager plain 4 / diffusers eager plain 4": per_round(
+                    times, lambda e, d: e / d, "eager plain 4", "diffusers eager plain 4"),
+                "floor guided 4+1 (ms)": per_round(times, lambda s1, t1: 4 * s1 + t1, s, t),
+            }
+            res["per-round ratios"] = {k: v for k, v in derived.items() if v is not None}
+            res["times_ms (every round, in order)"] = {k: [round(x, 2) for x in v] for k, v in times.items()}
+            print(f"  interleaved b{b}: " + ", ".join(f"{k} {v['median_ms']:.1f}" for k, v in res.items()
+                                                     if isinstance(v, dict) and "median_ms" in v), flush=True)
+            print(f"  per-round ratios b{b}: {res['per-round ratios']}", flush=True)
+            return res
+
+        guarded(report, section, f"interleaved b{b} (with encoding)", paired)
+
+    # VAE decode (not in any row above: every call returns latents), eager and replayed from a graph.
+    def vae_rows():
+        z = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator(device).manual_seed(5), device=device,
+                        dtype=dtype) / vae.config.scaling_factor
+
+        def decode(latents):
+            return vae.decode(latents, return_dict=False)[0]
+
+        decode.model = vae
+        graphed = Accelerator("graphs", device).wrap(decode, "vae decode") if device.type == "cuda" else decode
+        with torch.no_grad():
+            out_e, out_g = decode(z), graphed(z)
+            res = time_paired({"vae decode b1 eager": lambda: decode(z), "vae decode b1 graphed": lambda: graphed(z)},
+                              args.runs, args.warmup, device)
+        for v in res.values():
+            if isinstance(v, dict):
+                v.pop("times_ms", None)
+        res["graphed vs eager"] = diff(out_g, out_e)
+        return res
+
+    if time.perf_counter() < deadline - 20:
+        guarded(report, section, "vae decode b1 (separate from every row above)", vae_rows)
+    report.put(section, "targets (batch 1, this run)", pipeline_targets(report.data["sections"][section]))
+    fast = pipes["fast"]
+    report.put(section, "fast pipeline's graphed networks (replays / eager calls)", {
+        g.name: {"graphs": len(g), "replays": g.replays, "eager calls": g.eager_calls}
+        for g in [fast._student_net, fast._teacher_net] + [w for _, w in fast._encoders] if isinstance(g, GraphedNet)})
+    pipes.clear()
+    free()
+
+
+def pipeline_targets(sec: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, read off this run's batch-1 rounds (medians of per-round ratios)."""
+    b1 = sec.get("interleaved b1 (with encoding)", {})
+    ratios = b1.get("per-round ratios", {}) if isinstance(b1, dict) else {}
+
+    def ratio(key: str) -> Any:
+        return ratios.get(key, {}).get("median", "not measured")
+
+    def spread(key: str) -> Any:
+        v = b1.get(key, {}) if isinstance(b1, dict) else {}
+        return f"max-min {v['spread_pct']}%, IQR {v['iqr_pct']}%" if "spread_pct" in v else "not measured"
+
+    first = sec.get("first calls and peak memory", {}).get("fast guided 4+1 b1", {})
+    return {
+        "fast guided 4+1 within 1.05x of its forwards' graph floor (encoding excluded)":
+            ratio("(fast guided 4+1 - encode fast) / floor"),
+        "fast guided 4+1 / floor with the (graphed) encoding included": ratio(
+            "fast guided 4+1 / floor (4 student + 1 teacher forward)"),
+        "fast plain 4 at least 2.5x faster than diffusers' eager (both with encoding)": ratio(
+            "diffusers eager plain 4 / fast plain 4 (speed-up)"),
+        "eager plain 4 within 3% of diffusers' eager": ratio("eager plain 4 / diffusers eager plain 4"),
+        "fast path spread under 3%": {k: spread(k) for k in ("fast plain 4", "fast plain 5", "fast guided 4+1")},
+        "first call (captures) under 10 s: fast guided 4+1 b1 first call s": first.get("first_call_s", "not measured"),
+    }
+
+
+def pipeline_inductor(report: Report, args: argparse.Namespace, device: torch.device, student_pipe: Any,
+                      teacher_unet: Any, calls_of: Callable, deadline: float) -> None:
+    """``compile="inductor"`` through the real pipeline: first call (compile) per shape, then latency.
+
+    Plain 4 (the student at batch 1), then guided 4+1 (the teacher at batch 2), each only while at
+    least ``--inductor-need-s`` seconds of ``--budget-s`` are left; compiled artifacts land in
+    ``TORCHINDUCTOR_CACHE_DIR`` (a second run on the same machine reuses them).
+    """
+    import os as _os
+
+    from distillpp.pipelines import DistillppPipeline
+
+    section = "sdxl pipeline: compile='inductor'"
+    pipe = DistillppPipeline(student_pipe, teacher_unet, compile="inductor")
+    eager = DistillppPipeline(student_pipe, teacher_unet, compile="none")
+    make, make_eager = calls_of(pipe), calls_of(eager)
+    report.put(section, "cache", _os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+    for label, steps, guided in (("plain 4", 4, False), ("guided 4+1", 4, True)):
+        left = deadline - time.perf_counter()
+        if left < args.inductor_need_s:
+            report.put(section, f"inductor {label} b1", {"skipped": f"{left:.0f} s left of --budget-s"})
+            continue
+
+        def run(steps=steps, guided=guided, label=label):
+            call = make(1, steps, guided)
+            t0 = time.perf_counter()
+            out = call().images
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            res = time_it(call, args.runs, args.warmup, device)
+            res.pop("times_ms", None)
+            res["first_call_s (compile + capture)"] = round(first, 1)
+            res["vs eager (latents)"] = diff(out, make_eager(1, steps, guided)().images)
+            res["peak_mem_gib"] = peak_memory(call, device)
+            print(f"  inductor {label} b1: {res['median_ms']:.1f} ms, first call {first:.1f} s", flush=True)
+            return res
+
+        guarded(report, section, f"inductor {label} b1 (with encoding)", run)
 
 
 def lora_equality(unet: Any, make: Callable[[Any, Any], Sampler], device: torch.device) -> dict:
@@ -976,6 +1209,25 @@ def _ms(res: Any) -> str:
     return f"{res['median_ms']:.1f} [{res['min_ms']:.1f}-{res['max_ms']:.1f}]"
 
 
+def interleaved_markdown(title: str, res: dict[str, Any]) -> list[str]:
+    """An interleaved timing (:func:`time_paired`) as a table, then its per-round ratios."""
+    ratios = res.get("ratio_to_first (median of per-round ratios)", {})
+    lines = [f"### {title}", "", "| call | ms, median [min-max] | IQR % | spread (max-min) % | per-round ratio to the "
+             "first row |", "|---|---|---|---|---|"]
+    rows = [(k, v) for k, v in res.items() if isinstance(v, dict) and "median_ms" in v]
+    for n, (k, v) in enumerate(rows):
+        lines.append(f"| {k} | {_ms(v)} | {v['iqr_pct']} | {v['spread_pct']} | {1 if n == 0 else ratios.get(k, '-')} |")
+    for k, v in res.get("per-round ratios", {}).items():
+        lines.append(f"- {k}: median {v['median']} [{v['min']}-{v['max']}]")
+    for k, v in res.items():
+        if not isinstance(v, dict) or "median_ms" in v or k in ("per-round ratios", "times_ms (every round, in order)",
+                                                                 "ratio_to_first (median of per-round ratios)"):
+            continue
+        lines.append(f"- {k}: {json.dumps(v, default=str)}")
+    lines.append("")
+    return lines
+
+
 def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# GPU latency: eager vs the fast path ({'tiny CPU smoke test' if r['tiny'] else 'random weights'})",
@@ -1020,6 +1272,18 @@ def markdown(r: dict[str, Any]) -> str:
         rest = {k: v for k, v in sec.items() if k != "model" and not k.startswith(("forward ", "eager ", "fast ",
                                                                                       "diffusers "))}
         for k, v in rest.items():
+            if isinstance(v, dict) and any(isinstance(x, dict) and "median_ms" in x for x in v.values()):
+                lines += interleaved_markdown(k, v)
+                continue
+            if k.startswith("targets") and isinstance(v, dict):
+                lines += [f"### {k}", ""] + [f"- {t}: {json.dumps(r, default=str)}" for t, r in v.items()] + [""]
+                continue
+            if k == "first calls and peak memory" and isinstance(v, dict):
+                lines += [f"### {k}", "", "| call | first call s | peak GiB | captured |", "|---|---|---|---|"]
+                lines += [f"| {c} | {e.get('first_call_s', e.get('error', '-'))} | {e.get('peak_mem_gib', '-')} "
+                          f"| {'; '.join(e.get('captures', [])) or '-'} |" for c, e in v.items()]
+                lines.append("")
+                continue
             if isinstance(v, dict) and "median_ms" in v:
                 extra = {kk: vv for kk, vv in v.items() if kk not in ("median_ms", "min_ms", "max_ms", "p25_ms",
                                                                        "p75_ms", "runs", "iqr_pct")}
@@ -1048,12 +1312,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flux-single-layers", type=int, default=None, help="FLUX single blocks (default 38)")
     parser.add_argument("--sections", default="sdxl,paired,floor,lora,pipeline,zoo,flux",
                         help="comma-separated: sdxl (forwards, sampling), paired (diffusers/eager/fast interleaved), "
-                             "floor (SDXL floor variants), lora, pipeline (the real DistillppPipeline, eager and "
-                             "compile='graphs'), zoo, flux, zoopipe (zoo-lcm through from_preset, every compile "
-                             "mode)")
+                             "floor (SDXL floor variants), lora, pipeline (the real DistillppPipeline: every path "
+                             "interleaved with its graph floor, encoding and VAE decode), pipeline-inductor "
+                             "(compile='inductor' through it; minutes), zoo, flux, zoopipe (zoo-lcm through "
+                             "from_preset, every compile mode)")
     parser.add_argument("--inductor", action="store_true",
                         help="last: inductor kernels under graphs for SDXL-size batch 1 (compiles for minutes)")
     parser.add_argument("--budget-s", type=float, default=540, help="skip optional parts past this wall time")
+    parser.add_argument("--teacher-device", default=None,
+                        help="pipeline section: also time fast guided 4+1 with the teacher on this device (default: "
+                             "cuda:1 when two GPUs are visible; 'none' to skip)")
+    parser.add_argument("--inductor-need-s", type=float, default=200,
+                        help="start an inductor shape only with this many seconds of --budget-s left (default 200)")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
 
@@ -1067,6 +1337,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         args.runs, args.warmup = min(args.runs, 3), min(args.warmup, 1)
         args.batches, args.sample_batches = [1, 2], [1]
+    if args.teacher_device is None:
+        two = device.type == "cuda" and torch.cuda.device_count() >= 2
+        args.teacher_device = f"cuda:{1 - device.index}" if two and device.index in (0, 1) else ""
+    elif args.teacher_device == "none":
+        args.teacher_device = ""
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     start = time.perf_counter()
     deadline = start + args.budget_s
@@ -1076,11 +1351,12 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.out, {
         "card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        "torch": torch.__version__, "diffusers": __import__("diffusers").__version__, "tiny": args.tiny,
+        "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+        "transformers": __import__("transformers").__version__, "tiny": args.tiny,
         "runs": args.runs, "warmup": args.warmup, "measured_bf16_tflops": peak, "datasheet_bf16_tflops": datasheet,
     })
     print(f"{card}: bf16 matmul {peak} TFLOP/s (datasheet {datasheet})", flush=True)
-    if {"sdxl", "paired", "floor", "lora", "pipeline"} & set(args.sections):
+    if {"sdxl", "paired", "floor", "lora", "pipeline", "pipeline-inductor"} & set(args.sections):
         guarded(report, "sdxl", "_section", lambda: sdxl_section(report, args, device, dtype, peak, deadline))
     if "zoo" in args.sections:
         guarded(report, "zoo", "_section", lambda: zoo_section(report, args, device))

@@ -328,7 +328,6 @@ def test_accelerate_net_takes_the_module_device_and_shares_one_pool_per_device()
 
 
 def _tiny_sdxl_pair(tmp_path):
-    from diffusers import StableDiffusionXLPipeline  # noqa: F401  (tiny_pipe builds it)
     from test_pipelines_sd import tiny_pipe, tiny_unet
     from tiny import clip_tokenizer
 
