@@ -18,6 +18,7 @@ _LAZY = {
     "GuidanceInfo": "guidance", "NonFiniteError": "guidance", "TeacherGuidance": "guidance",
     "SAMPLERS": "samplers",
     "DiscreteVPSchedule": "schedules",
+    "tune": "tuning",
 }
 _SUBMODULES = ("denoisers", "schedules", "samplers")
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from .guidance import GuidanceInfo, NonFiniteError, TeacherGuidance
     from .samplers import SAMPLERS
     from .schedules import DiscreteVPSchedule
+    from .tuning import tune
 
 __version__ = "0.1.0"
 

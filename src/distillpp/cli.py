@@ -50,6 +50,7 @@ SUBCOMMANDS = {
     "ui": ("distillpp.ui", "local web app: student vs teacher-guided images for the same seeds, per-step corrections"),
     "batch": ("distillpp.batch", "many images from a preset: deterministic, resumable, over torchrun or Ray"),
     "eval": ("distillpp.evaluate_cli", "FID, precision/recall (and CLIP score) of a folder of images"),
+    "tune": ("distillpp.tuning", "data-free choice of guidance settings for a student-teacher preset"),
 }
 
 
