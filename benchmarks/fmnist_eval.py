@@ -7,7 +7,10 @@ Protocol (issue 3, issue 5 for the flow rows):
   seed set A (``--select-seeds``, ``--select-n`` samples per run) by the lowest mean FID; everything
   reported is measured on seed set B (``--seeds``, ``--n`` samples per run, balanced classes).
 - Metrics: FID on the zoo classifier's penultimate features against the 10k test set, improved
-  precision/recall (k=3), class consistency; mean ± sample std over the seeds of a set. Every method
+  precision/recall (k=3), class consistency, and two pixel-level checks a person would agree with
+  (:mod:`distillpp.metrics.pixels`): the high-frequency energy ratio to the test set (1 = as sharp as
+  real images; speckle >> 1) and a pixel Fréchet distance on 2x2-pooled pixels of the 28x28 crop;
+  mean ± sample std over the seeds of a set. Every method
   starts from the same noise for a seed, so differences between rows are paired.
 - Main table: teacher (default steps and CFG); each student at 4 steps; each student at 4 steps with
   1 teacher-guided step. Flow rows: flow-teacher; flow-student; flow-student guided.
@@ -50,7 +53,14 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(HERE.parent / "src"))
 
 from distillpp.guidance import NonFiniteError  # noqa: E402
-from distillpp.metrics import RealFeatures, evaluate_samples, format_mean_std, mean_std  # noqa: E402
+from distillpp.metrics import (  # noqa: E402
+    PixelReference,
+    RealFeatures,
+    evaluate_samples,
+    format_mean_std,
+    mean_std,
+    pixel_metrics,
+)
 from distillpp.zoo.harness import (  # noqa: E402
     TEACHER_OF,
     Method,
@@ -65,7 +75,10 @@ from distillpp.zoo.harness import (  # noqa: E402
 STUDENTS = tuple(TEACHER_OF)
 FAMILY = {"teacher": "vp", "lcm": "vp", "pd": "vp", "flow-teacher": "flow", "flow-student": "flow"}
 TEACHERS = tuple(dict.fromkeys(TEACHER_OF.values()))
-METRICS = ("fid", "precision", "recall", "class_consistency")
+METRICS = ("fid", "precision", "recall", "class_consistency", "hf_ratio", "pixel_fd")
+# Fashion-MNIST's 28x28 content inside the zoo's 32x32 images (the 2-pixel border is constant -1 in real
+# images): the pixel checks look at it only.
+PIXEL_CROP = 28
 # Selection grid. eps-space fusion multiplies the strength by sigma_i / sigma' (about 8 at the first
 # step of the VP students, sigma_0 = 157), so its strengths are much smaller; flow models start at
 # sigma = 1e8 where x0 = x - sigma * eps cancels catastrophically, so they are guided in x0 only.
@@ -157,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 class Bench:
     """Runs (or finds in the JSONL) each quality and timing measurement, and writes the report."""
 
+    RUNS_FILE = "fmnist_runs.jsonl"  # under --out: this run appends to it
+    READ_GLOB = RUNS_FILE  # finished runs are read from every file under --out matching this
+
     def __init__(self, args: argparse.Namespace, zoo: Any = None):
         self.args = args
         self.t0 = time.time()
@@ -186,10 +202,10 @@ class Bench:
         self.card = card_name(self.device)
         self.out = Path(args.out or ("./distillpp-out/fmnist-quick" if args.quick else HERE / "results"))
         self.out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = self.out / "fmnist_runs.jsonl"
+        self.jsonl = self.out / self.RUNS_FILE
         self.records: dict[str, dict] = {}
-        if self.jsonl.is_file():
-            for line in self.jsonl.read_text().splitlines():
+        for path in sorted(self.out.glob(self.READ_GLOB)):
+            for line in path.read_text().splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a killed run: that run is redone
@@ -212,6 +228,7 @@ class Bench:
         self.budget_s = args.budget_min * 60.0
         self._sf_done, self._sample_s, self._eval_s, self._runs_done = 0, 0.0, 0.0, 0
         self._real: RealFeatures | None = None
+        self._pixel_ref: PixelReference | None = None
         self._shape: tuple[int, ...] = (1, 32, 32)
         self.new_runs = 0
         self.plan_only = bool(args.plan)
@@ -251,6 +268,7 @@ class Bench:
             clf = self.models.classifier()
             self._real = RealFeatures.from_images(clf, images, batch_size=2000, device=self.device)
             self._real.radii(self.args.k, self.device)
+            self._pixel_ref = PixelReference.from_images(images, crop=min(PIXEL_CROP, *self._shape[-2:]))
             self.log(f"test-set features: {tuple(self._real.features.shape)}")
         return self._real
 
@@ -327,6 +345,7 @@ class Bench:
         t = time.perf_counter()
         metrics = evaluate_samples(images, labels, self.models.classifier(), real, k=self.args.k,
                                    batch_size=2000, device=self.device)
+        metrics.update(pixel_metrics(images, self._pixel_ref))
         eval_s = time.perf_counter() - t
         self._sf_done += sf
         self._sample_s += sample_s
@@ -539,7 +558,7 @@ class Bench:
         except Exception:  # models not loadable in a report-only rebuild
             row["nfe"] = next((r["nfe"] for r in done), None)
         for m in METRICS:
-            vals = [r["metrics"][m] for r in done]
+            vals = [r["metrics"][m] for r in done if r["metrics"].get(m) is not None]  # older runs lack the pixel checks
             mean, std = mean_std(vals)
             row[m] = {"mean": mean, "std": std, "n": len(vals), "values": vals}
         if baseline is not None:
@@ -641,16 +660,23 @@ def _delta(row: dict) -> str:
 
 
 def _quality_table(rows: Iterable[dict], first: str = "method", extra: tuple[str, ...] = ()) -> list[str]:
-    head = f"| {first} | NFE | FID ↓ | precision ↑ | recall ↑ | class consistency ↑ | ΔFID vs student (paired) |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---|"]
+    head = (f"| {first} | NFE | FID ↓ | precision ↑ | recall ↑ | class consistency ↑ | HF ratio (1 = real) | "
+            "pixel FD ↓ | ΔFID vs student (paired) |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         name = r.get("variant") or r["label"]
         lines.append(
             f"| {name} | {r.get('nfe') if r.get('nfe') is not None else '–'} | {format_mean_std(r['fid'], 3)} | "
             f"{format_mean_std(r['precision'], 3)} | {format_mean_std(r['recall'], 3)} | "
-            f"{format_mean_std(r['class_consistency'], 3)} | {_delta(r)} |"
+            f"{format_mean_std(r['class_consistency'], 3)} | {format_mean_std(r.get('hf_ratio'), 2)} | "
+            f"{format_mean_std(r.get('pixel_fd'), 2)} | {_delta(r)} |"
         )
     return lines
+
+
+PIXEL_NOTE = ("HF ratio = mean squared Laplacian of the 28x28 crop over that of the test set (1 = as much "
+              "pixel-level detail as real images; salt-and-pepper speckle shows as >> 1, blur as < 1); pixel FD = "
+              "Fréchet distance of 2x2-average-pooled pixels of the crop (196 dims) to the test set's.")
 
 
 def to_markdown(rep: dict) -> str:
@@ -668,7 +694,7 @@ def to_markdown(rep: dict) -> str:
         f"- Reported numbers: seed set B = {p['seeds_B']}, N = {p['n_B']} samples per run (balanced classes); "
         f"mean ± {p['std']}. Guidance settings: {p['selection']} (set A = seeds {p['seeds_A']}, N = {p['n_A']}).",
         f"- FID on {p['fid_reference']}; improved precision/recall with k = {p['k']}; class consistency = fraction "
-        "of samples the classifier assigns to the requested class. Every method starts from the same noise for a "
+        f"of samples the classifier assigns to the requested class. {PIXEL_NOTE} Every method starts from the same noise for a "
         "seed, so ΔFID is a paired per-seed difference (negative = guidance helps).",
         "",
         "## Main table (seed set B)",
