@@ -679,11 +679,17 @@ PIXEL_NOTE = ("HF ratio = mean squared Laplacian of the 28x28 crop over that of 
               "Fréchet distance of 2x2-average-pooled pixels of the crop (196 dims) to the test set's.")
 
 
-def to_markdown(rep: dict) -> str:
-    p = rep["protocol"]
+def report_header(rep: dict) -> list[str]:
+    """The Markdown title, and the warning that stand-in models' numbers mean nothing."""
     lines = [f"# {rep['title']}", ""]
     if rep["standin"]:
         lines += ["**STAND-IN MODELS (random init): these numbers only show that the pipeline runs.**", ""]
+    return lines
+
+
+def to_markdown(rep: dict) -> str:
+    p = rep["protocol"]
+    lines = report_header(rep)
     lines += [
         f"- Quality runs: card {', '.join(rep['quality_cards']) or '–'}; dates {rep['quality_dates'][0]} .. "
         f"{rep['quality_dates'][1]}; dtype {p['dtype']}.",

@@ -20,6 +20,11 @@ Every row: FID on the zoo classifier's features (mean ± sample std over seeds),
 4-step student and against plain steps of equal cost, the high-frequency energy ratio and pixel Fréchet
 distance (:mod:`distillpp.metrics.pixels`), and the cost in network forwards per image.
 
+Cost (``--plan``): about 160 runs, 1.1M images, 12M image-forwards; estimated 5.5-6.5 min on one H100/H200
+(the 50-step teachers alone ~100 s), ~4 min split over two GPUs (``--gpus auto``). ``--budget-s`` stops
+starting runs in time; the most important run first (selection, the chosen settings with their plain
+baselines, the teachers, then the other reported settings) and a rerun resumes.
+
 Finished runs are appended to ``<out>/fmnist_study_runs*.jsonl`` (keyed by the models' weights, so a
 folder of retrained models never reuses stale runs); a rerun skips them and resumes. Outputs in ``--out``:
 ``fmnist_study.md`` / ``.json`` (tables), ``fmnist_study_best.json`` (a list of reporting-set rows
@@ -29,7 +34,8 @@ each value a preset-override file as ``generate --overrides`` reads it: ``{"pres
 its numbers are the ``chosen`` rows of ``fmnist_study_best.json``) and ``fmnist_study_grid.png``
 (teacher / student / student + chosen guidance from the same noise).
 
-    python benchmarks/fmnist_study.py --device cuda --out /tmp/study                  # GPU: ~3-5 min
+    python benchmarks/fmnist_study.py --device cuda --gpus auto --budget-s 285 --out /tmp/study   # GPU
+    python benchmarks/fmnist_study.py --plan --device cpu                              # runs to do, GPU estimate
     python benchmarks/fmnist_study.py --device cpu --samples 20 --report-samples 40 --seeds 0 --out /tmp/s  # CPU dry run
     python benchmarks/fmnist_study.py --report-only --out /tmp/study                 # tables from the JSONL
 """
@@ -40,7 +46,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -301,17 +306,15 @@ class Study(fe.Bench):
         extra = [self.forwards(self.method(student, guidance=g))[0] for _, g in self.report_settings(student)]
         return sorted({own, 5, 6, *[e for e in extra if e <= 12]})
 
-    def run_reporting(self, student: str) -> None:
+    def run_reporting(self, student: str, chosen: bool = True) -> None:
+        """``chosen``: the chosen setting and the plain baselines; else the other reported settings."""
         settings = self.report_settings(student)
-        for _, g in settings[:1]:  # the chosen setting first: it matters most if the budget runs out
+        for _, g in settings[:1] if chosen else settings[1:]:
             for seed in self.seeds_b:
                 self.quality(self.method(student, guidance=g), "B", seed)
-        for steps in self.plain_steps(student):
+        for steps in self.plain_steps(student) if chosen else ():
             for seed in self.seeds_b:
                 self.quality(self.method(student, steps if steps != 4 else None), "B", seed)
-        for _, g in settings[1:]:
-            for seed in self.seeds_b:
-                self.quality(self.method(student, guidance=g), "B", seed)
 
     def run_teachers(self) -> None:
         for t in self.teachers:
@@ -344,9 +347,13 @@ class Study(fe.Bench):
                  f"out {self.out}, {len(self.records)} finished runs")
         for s in self.students:
             self.run_selection(s)
+        # Most important first, in case the budget runs out: the chosen settings and their plain baselines,
+        # the teachers, then the runner-up, the best single teacher call and the old demo preset.
         for s in self.students:
             self.run_reporting(s)
         self.run_teachers()
+        for s in self.students:
+            self.run_reporting(s, chosen=False)
 
     # ---- report -------------------------------------------------------------------------------
 
@@ -487,9 +494,7 @@ def _g_text(g: dict | None) -> str:
 
 def to_markdown(rep: dict) -> str:
     p = rep["protocol"]
-    lines = [f"# {rep['title']}", ""]
-    if rep["standin"]:
-        lines += ["**STAND-IN MODELS (random init): these numbers only show that the pipeline runs.**", ""]
+    lines = fe.report_header(rep)
     lines += [
         f"- Runs: card {', '.join(rep['cards']) or '–'}; dates {rep['dates'][0]} .. {rep['dates'][1]}; dtype "
         f"{p['dtype']}; models {rep['models_dir']} (weights fingerprint {rep['models']}).",
@@ -566,7 +571,7 @@ def run_split(args: argparse.Namespace, argv: list[str], gpus: int) -> None:
         if not part:
             continue
         cmd = [sys.executable, str(Path(__file__).resolve()), *cleaned, "--students", ",".join(part), "--teachers", tea,
-               "--device", f"cuda:{i}", "--budget-s", str(max(args.budget_s - 25, 10)),
+               "--device", f"cuda:{i}" if torch.cuda.is_available() else "cpu", "--budget-s", str(max(args.budget_s - 25, 10)),
                "--runs-file", f"fmnist_study_runs.gpu{i}.jsonl", "--no-final"]
         procs.append(subprocess.Popen(cmd))
     for proc in procs:
