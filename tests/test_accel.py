@@ -335,28 +335,48 @@ def _tiny_sdxl_pair(tmp_path):
     return tiny_pipe(str(tmp_path), sdxl=True), tiny_unet(True, seed=5)
 
 
-def test_text_encoders_replayed_from_graphs_equal_eager_and_are_restored(tmp_path):
-    from distillpp.pipelines import DistillppPipeline
+def _tiny_pipeline(family, tmp_path):
+    """Two guided pipelines over one tiny diffusers pipeline, its text-encoder names and call keywords."""
+    if family == "sdxl":
+        from distillpp.pipelines import DistillppPipeline
 
-    student, teacher = _tiny_sdxl_pair(tmp_path)
-    eager = DistillppPipeline(student, teacher)
-    fast = DistillppPipeline(student, teacher)
+        student, teacher = _tiny_sdxl_pair(tmp_path)
+        make, kwargs = DistillppPipeline, dict(teacher_cfg=3.0)
+    else:
+        import test_pipelines_flow as flow
+
+        from distillpp.pipelines import FlowDistillppPipeline
+
+        student, teacher = (flow.flux_pipe(), flow.flux_transformer(1, guidance_embeds=True)) if family == "flux" \
+            else (flow.sd3_pipe(), flow.sd3_transformer(1))
+        make, kwargs = FlowDistillppPipeline, dict(flow.SIZE)
+    return make(student, teacher), make(student, teacher), dict(
+        output_type="latent", num_inference_steps=2, strength=0.3, guided_steps=1, **kwargs)
+
+
+@pytest.mark.parametrize("family,encoders", [("sdxl", ["text_encoder", "text_encoder_2"]),
+                                             ("flux", ["text_encoder", "text_encoder_2"]),
+                                             ("sd3", ["text_encoder", "text_encoder_2", "text_encoder_3"])])
+def test_text_encoders_replayed_from_graphs_equal_eager_and_are_restored(tmp_path, family, encoders):
+    # CLIP and T5 encoders inside diffusers' own encode_prompt, their ModelOutputs rebuilt after copy-out.
+    eager, fast, kwargs = _tiny_pipeline(family, tmp_path)
     captures = FakeCapture()
     fast._encoders = [(m, GraphedNet(ModuleForward(m), "cpu", name=n, capture=captures))
                       for n, m in fast.family.text_encoders()]
-    assert [n for n, _ in fast.family.text_encoders()] == ["text_encoder", "text_encoder_2"]
-    kwargs = dict(output_type="latent", num_inference_steps=2, strength=0.3, guided_steps=1, teacher_cfg=3.0)
-    for seed in (0, 1):  # the first call captures both encoders; the second replays them
+    assert [n for n, _ in fast.family.text_encoders()] == encoders
+    for seed in (0, 1):  # the first call captures every encoder; the second replays them
         a = eager("a red fox", generator=torch.Generator().manual_seed(seed), **kwargs).images
         b = fast("a red fox", generator=torch.Generator().manual_seed(seed), **kwargs).images
         torch.testing.assert_close(b, a, rtol=0, atol=0)
-    assert captures.count == 2
-    assert [g.replays for _, g in fast._encoders] == [2, 2]
+    assert captures.count == len(encoders)
+    assert all(g.replays >= 2 and g.eager_calls == 0 for _, g in fast._encoders)
     assert all("forward" not in m.__dict__ for m, _ in fast._encoders)  # diffusers' modules are untouched after
-    with fast.fast_encoders():
-        emb = student.encode_prompt("a red fox", device="cpu", do_classifier_free_guidance=False)[0]
-    torch.testing.assert_close(emb, student.encode_prompt("a red fox", device="cpu",
-                                                          do_classifier_free_guidance=False)[0], rtol=0, atol=0)
+    if family == "sdxl":
+        student = fast.family.owner
+        with fast.fast_encoders():
+            emb = student.encode_prompt("a red fox", device="cpu", do_classifier_free_guidance=False)[0]
+        torch.testing.assert_close(emb, student.encode_prompt("a red fox", device="cpu",
+                                                              do_classifier_free_guidance=False)[0], rtol=0, atol=0)
 
 
 def test_text_encoders_stay_eager_off_cuda_and_routes_are_undone_on_errors():
