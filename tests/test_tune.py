@@ -160,9 +160,11 @@ def test_zoo_override_file_round_trips_without_touching_fashion_mnist(zoo_pd, tm
         if hasattr(data, name):
             monkeypatch.setattr(data, name, refuse)
     out = tmp_path / "tuned.json"
+    n = 4  # 2 classes x 2 images; the teacher runs with CFG (2 forwards), pd takes 4 steps
+    reference, plain, guided = n * 2 * 2 + n, n * (4 + 1), n * (4 + 2 + 1)
     r = tune("zoo-pd", prompts=["Sneaker", "Bag"], images_per_prompt=2, reference_steps=2, strengths=[0.75],
-             budget=10_000, margin=0.0, out=out, pipe=zoo_pd)
-    assert [t.setting for t in r.trials][:2] == [Setting(0.0), Setting(0.75)]
+             budget=reference + plain + guided, margin=0.0, out=out, pipe=zoo_pd)
+    assert [t.setting for t in r.trials] == [Setting(0.0), Setting(0.75)]
     saved = json.loads(out.read_text())
     assert saved == r.overrides and saved["preset"] == "zoo-pd"
     loaded = from_preset("zoo-pd", overrides=out)
@@ -209,3 +211,29 @@ def test_budget_below_the_reference_is_refused_before_any_forward(zoo_pd):
     finally:
         handle.remove()
     assert calls == []
+
+
+def test_a_diffusers_pipeline_is_tuned_in_latent_space(tmp_path):
+    """A tiny random SD1.5-shaped student and teacher UNet: the tuner runs through the diffusers family
+    (text encoding, its noise table, the teacher UNet's mid_block as features) and writes a preset-less
+    override file."""
+    pytest.importorskip("transformers")
+    from test_pipelines_sd import clip_tokenizer, tiny_pipe, tiny_unet
+
+    from distillpp.pipelines.sd import DistillppPipeline
+
+    tok = tmp_path / "tok"
+    clip_tokenizer().save_pretrained(tok)
+    pipe = DistillppPipeline(tiny_pipe(str(tok), False), tiny_unet(False, seed=5), num_inference_steps=2)
+    calls = []
+    handle = pipe.family.teacher_module.mid_block.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        r = tune(None, pipe=pipe, prompts=["a cat", "a dog"], images_per_prompt=2, reference_steps=3,
+                 strengths=[0.5], budget=10_000, out=tmp_path / "o.json")
+    finally:
+        handle.remove()
+    assert r.info["feature_layer"] == "UNetMidBlock2DCrossAttn" and r.info["sample_space"] == "latent"
+    assert [t.setting for t in r.trials][:3] == [Setting(0.0), Setting(0.5), Setting(0.5, 2)]
+    assert calls  # the teacher's mid_block gave the features
+    assert set(json.loads((tmp_path / "o.json").read_text())) == {"guidance"}
+    assert pipe._student_net is not None and not hasattr(pipe._student_net, "count")  # counters removed

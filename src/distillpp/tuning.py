@@ -41,6 +41,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 from .cli import HelpFormatter, Parser, check_device, int_at_least, unit_float
@@ -425,7 +426,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def tune(
-    preset: str | Any,
+    preset: str | Any = None,
     prompts: Sequence[str] | None = None,
     *,
     images_per_prompt: int | None = None,
@@ -449,7 +450,8 @@ def tune(
     and docs/method.md ("Tuning").
 
     Args:
-        preset: a preset name or :class:`~distillpp.pipelines.presets.Preset` with a teacher.
+        preset: a preset name or :class:`~distillpp.pipelines.presets.Preset` with a teacher; ``None`` with
+            ``pipe=`` a pipeline built by hand (the override file then names no preset).
         prompts: the prompts (zoo: class names; default: the ten classes, or four generic prompts).
         images_per_prompt: images per prompt (default: 2 for the zoo, 2 otherwise).
         budget: the most image-forwards (network evaluations x images; CFG counts twice) to spend, the
@@ -481,9 +483,15 @@ def tune(
     from .pipelines.presets import from_preset, get_preset
 
     t0 = time.perf_counter()
-    p = get_preset(preset) if isinstance(preset, str) else preset
     if pipe is not None and getattr(pipe, "preset", None) is not None:
         p = pipe.preset
+    elif preset is None:
+        if pipe is None:
+            raise ValueError("preset must be a preset name or Preset (or pass pipe=, a loaded GuidedPipeline)")
+        # A pipeline built by hand (e.g. DistillppPipeline(student_pipe, teacher_unet)): no preset to name.
+        p = SimpleNamespace(name=None, family=pipe.family.name, teacher=pipe.family.teacher_kind)
+    else:
+        p = get_preset(preset) if isinstance(preset, str) else preset
     if images_per_prompt is None:
         images_per_prompt = ZOO_IMAGES_PER_PROMPT
     prompts = _check_args(p, prompts, images_per_prompt, budget, reference_steps, strengths, seed, margin)
@@ -613,7 +621,7 @@ def tune(
                            f"{margin:g} x SE {b.se_vs_plain:.2g})")
         if bar is not None:
             bar.close()
-        overrides = {"preset": p.name, "guidance": chosen.knobs()}
+        overrides = {"preset": p.name, "guidance": chosen.knobs()} if p.name else {"guidance": chosen.knobs()}
         if out_path is not None:
             _write_json(out_path, overrides)
         result = TuneResult(p.name, chosen, overrides, trials, pair.forwards, reference_forwards, budget,
