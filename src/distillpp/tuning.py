@@ -49,15 +49,16 @@ from .cli import HelpFormatter, Parser, check_device, int_at_least, unit_float
 __all__ = ["tune", "Setting", "Trial", "TuneResult", "PipelinePair", "STRENGTHS", "TUNE_SEED", "DEFAULT_BUDGET",
            "ZOO_IMAGES_PER_PROMPT", "add_arguments", "run", "main"]
 
-# Strengths tried with one guided step (x0 fusion: the paper's space; eps fusion needs strengths ~100x
+# Strengths tried with one and with two guided steps (x0 fusion: the paper's space; eps fusion needs strengths ~100x
 # smaller and is refused at flow time 1, so one grid cannot serve both).
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 # Tuning seed: image k's generator is seeded image_seed(TUNE_SEED, k); benchmarks/fmnist_eval.py reports
 # on seeds 0-2 and selects on 100-101.
 TUNE_SEED = 7919
 # Image-forwards (network evaluations x images). The zoo default (10 classes x 2 images, a 20-step
-# teacher reference with CFG, 9 candidates) needs about 2100 of them: ~1 min on a 2-core CPU.
+# teacher reference with CFG, 12 candidates) needs about 2700 of them.
 DEFAULT_BUDGET = 3000
+# Images per prompt by default: 20 zoo images keep a CPU run short; only large effects are significant.
 ZOO_IMAGES_PER_PROMPT = 2
 DEFAULT_REFERENCE_STEPS = 20
 # Prompts for text-to-image presets when none are given.
@@ -453,12 +454,12 @@ def tune(
         preset: a preset name or :class:`~distillpp.pipelines.presets.Preset` with a teacher; ``None`` with
             ``pipe=`` a pipeline built by hand (the override file then names no preset).
         prompts: the prompts (zoo: class names; default: the ten classes, or four generic prompts).
-        images_per_prompt: images per prompt (default: 2 for the zoo, 2 otherwise).
+        images_per_prompt: images per prompt (default: 2).
         budget: the most image-forwards (network evaluations x images; CFG counts twice) to spend, the
             teacher reference included. Candidates that would pass it are not run.
         reference_steps: deterministic teacher steps of the reference sample.
         reference_cfg: the teacher's CFG scale for the reference (default: the teacher's own).
-        strengths: x0 strengths tried with one guided step (strength 0 is always tried first).
+        strengths: x0 strengths tried with one and with two guided steps (strength 0 is always tried first).
         seed: tuning seed (keep it apart from evaluation seeds).
         margin: a guided setting is chosen only if it beats the plain student by more than ``margin``
             bootstrap standard errors of the paired criterion difference.
@@ -667,8 +668,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--reference-cfg", type=float, default=None, metavar="W",
                         help="the teacher's CFG scale for the reference (default: the teacher's own)")
     parser.add_argument("--strengths", type=_strengths, default=list(STRENGTHS), metavar="LAM[,LAM...]",
-                        help=f"x0 strengths tried with one guided step (default: {','.join(map(str, STRENGTHS))}; "
-                             "0 is always tried)")
+                        help=f"x0 strengths tried with one and with two guided steps (default: "
+                             f"{','.join(map(str, STRENGTHS))}; 0 is always tried)")
     parser.add_argument("--margin", type=float, default=2.0, metavar="K",
                         help="choose a guided setting only if it beats the plain student by > K bootstrap SEs")
     parser.add_argument("--seed", type=int_at_least(0), default=TUNE_SEED, help="tuning seed (keep it apart from "
