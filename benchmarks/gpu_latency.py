@@ -238,8 +238,12 @@ class Report:
     def save(self) -> None:
         with open(os.path.join(self.out, "gpu_latency.json"), "w") as f:
             json.dump(self.data, f, indent=2, default=str)
-        with open(os.path.join(self.out, "gpu_latency.md"), "w") as f:  # also when a run is cut short
-            f.write(markdown(self.data))
+        try:  # the table too, so that a run cut short by its time limit still leaves one
+            md = markdown(self.data)
+        except Exception as e:  # noqa: BLE001 - the JSON above is what matters
+            md = f"(markdown failed: {type(e).__name__}: {e}; see gpu_latency.json)\n"
+        with open(os.path.join(self.out, "gpu_latency.md"), "w") as f:
+            f.write(md)
 
 
 def guarded(report: Report, section: str, key: str, fn: Callable[[], Any]) -> Any:
