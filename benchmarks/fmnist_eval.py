@@ -107,8 +107,8 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _command_line() -> str:
-    return " ".join(["python3", "benchmarks/fmnist_eval.py"] + [shlex.quote(a) for a in sys.argv[1:]])
+def _command_line(script: str = "benchmarks/fmnist_eval.py") -> str:
+    return " ".join(["python3", script] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
 def card_name(device: torch.device) -> str:
@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 class Bench:
     """Runs (or finds in the JSONL) each quality and timing measurement, and writes the report."""
 
+    SCRIPT = "benchmarks/fmnist_eval.py"  # named in the records' commands
     RUNS_FILE = "fmnist_runs.jsonl"  # under --out: this run appends to it
     READ_GLOB = RUNS_FILE  # finished runs are read from every file under --out matching this
 
@@ -329,7 +330,7 @@ class Bench:
         noise = initial_noise(seed, n, self._shape)
         rec = {"kind": "quality", "key": key, "split": split, "seed": seed, "n": n, "method": json.loads(method.key()),
                "label": self.label(method), "nfe": sample_forwards(method, self.models), "dtype": self.dtype_name,
-               "batch": self.batch, "card": self.card, "date": _now(), "command": _command_line(),
+               "batch": self.batch, "card": self.card, "date": _now(), "command": _command_line(self.SCRIPT),
                "standin": self.standin}
         self._sync()
         t = time.perf_counter()
@@ -386,7 +387,7 @@ class Bench:
                "method": json.loads(method.key()), "label": self.label(method),
                "nfe": sample_forwards(method, self.models), "batch": batch, "dtype": self.dtype_name,
                "repeats": repeats, "median_ms": 1000 * times[len(times) // 2], "min_ms": 1000 * times[0],
-               "max_ms": 1000 * times[-1], "date": _now(), "command": _command_line(), "standin": self.standin}
+               "max_ms": 1000 * times[-1], "date": _now(), "command": _command_line(self.SCRIPT), "standin": self.standin}
         self._append(rec)
         self.log(f"timing {self.device.type} bs {batch:>3} {self.label(method):<72} {rec['median_ms']:9.2f} ms")
         return rec
@@ -593,7 +594,7 @@ class Bench:
             "title": "Distillation++ on the Fashion-MNIST zoo",
             "standin": self.standin,
             "written": _now(),
-            "report_command": _command_line(),
+            "report_command": _command_line(self.SCRIPT),
             "protocol": {
                 "seeds_B": self.seeds_b, "n_B": self.n_b, "seeds_A": self.seeds_a, "n_A": self.n_a,
                 "k": self.args.k, "dtype": self.report_dtype,

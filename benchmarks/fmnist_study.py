@@ -159,6 +159,7 @@ class Study(fe.Bench):
     """The study's runs, selection and report, on fmnist_eval's quality runs (set A: selection, B: reporting)."""
 
     READ_GLOB = "fmnist_study_runs*.jsonl"
+    SCRIPT = "benchmarks/fmnist_study.py"
 
     def __init__(self, args: argparse.Namespace, zoo: Any = None):
         self.study_args = args
@@ -440,22 +441,22 @@ class Study(fe.Bench):
         return out
 
     def write_grid(self, rep: dict) -> Path | None:
-        """teacher / student / student + chosen guidance, 10 classes x 2 seeds from the same noise."""
-        from distillpp.demo import CLASS_NAMES, comparison_grid
+        """Each teacher, then its students alone and with their chosen guidance: 10 classes x 2 seeds, same noise."""
+        from distillpp.demo import CLASS_NAMES, _row_label, comparison_grid
         from distillpp.zoo.harness import generate
 
         rows, seeds = [], (0, 1)
         labels = torch.arange(10)
-        for s in self.students:
-            chosen = rep["students"][s]["chosen"]
-            methods = [("teacher", self.method(TEACHER_OF[s])), ("student", self.method(s))]
-            if chosen is not None:
-                methods.append(("student + teacher", self.method(s, guidance=chosen)))
-            for title, m in methods:
-                images = torch.cat([generate(m, self.models, labels, initial_noise(seed, 10, self._shape), seed, 20)
-                                    for seed in seeds])
-                rows.append((f"{m.model}" if title != "student + teacher" else f"{s} + teacher",
-                             f"{self.label(m)}", images))
+        methods = []
+        for t in dict.fromkeys(TEACHER_OF[s] for s in self.students):
+            methods.append(self.method(t))
+            for s in [s for s in self.students if TEACHER_OF[s] == t]:
+                chosen = rep["students"][s]["chosen"]
+                methods += [self.method(s)] + ([self.method(s, guidance=chosen)] if chosen is not None else [])
+        for m in methods:
+            images = torch.cat([generate(m, self.models, labels, initial_noise(seed, 10, self._shape), seed, 20)
+                                for seed in seeds])
+            rows.append((*_row_label(m, self.models), images))
         columns = [(CLASS_NAMES[c], f"seed {seed}") for seed in seeds for c in range(10)]
         path = self.out / "fmnist_study_grid.png"
         comparison_grid(rows, columns).save(path)
