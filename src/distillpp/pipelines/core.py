@@ -368,7 +368,8 @@ class GuidedPipeline:
         teacher_device: run a separate teacher on this device (e.g. ``"cuda:1"``).
         teacher_offload: ``"cpu"``: keep a separate teacher in CPU memory, copied in for its call.
         compile: ``"none"`` (eager), ``"graphs"`` (replay captured CUDA graphs) or ``"inductor"``
-            (``torch.compile``); see :mod:`distillpp.accel`.
+            (``torch.compile``) for the student's and teacher's networks; the text encoders replay
+            graphs under both (:meth:`fast_encoders`); see :mod:`distillpp.accel`.
 
     Raises:
         ValueError: invalid placement or compile mode, or a student/teacher that do not fit together.
