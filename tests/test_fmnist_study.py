@@ -77,12 +77,15 @@ def test_study_grid_outputs_and_resume(study, standin, tmp_path, capsys):
     assert {r["model"] for r in best if r["role"] == "chosen"} == {"lcm", "flow-student"}
     assert all(r["seed_set"] == "report" and r["steps"] == 4 for r in best if r["role"] == "chosen")
     chosen_files = json.loads((out / "fmnist_study_chosen.json").read_text())
-    assert set(chosen_files) == {"zoo-lcm", "zoo-flow-student"}
-    for name, override in chosen_files.items():
+    assert set(chosen_files["lowest_fid"]) == set(chosen_files["one_teacher_call"]) == {"zoo-lcm", "zoo-flow-student"}
+    for name, override in [*chosen_files["lowest_fid"].items(), *chosen_files["one_teacher_call"].items()]:
         TeacherGuidance(**override["guidance"])
         assert apply_overrides(get_preset(name), override).guidance == TeacherGuidance(**override["guidance"])
+    one_call = chosen_files["one_teacher_call"]["zoo-lcm"]["guidance"]
+    strengths = one_call["strength"] if isinstance(one_call["strength"], list) else [one_call["strength"]]
+    assert one_call["samples"] == 1 and sum(1 for v in strengths[: one_call["guided_steps"]] if v) == 1
     md = (out / "fmnist_study.md").read_text()
-    for text in ("HF ratio", "pixel FD", "forwards/image", "## lcm (teacher: teacher)", "Selection grid", "command: `"):
+    for text in ("## Summary", "HF ratio", "pixel FD", "forwards/image", "## lcm (teacher: teacher)", "Selection grid", "command: `"):
         assert text in md
     assert (out / "fmnist_study_grid.png").stat().st_size > 1000
 
