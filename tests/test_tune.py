@@ -237,3 +237,50 @@ def test_a_diffusers_pipeline_is_tuned_in_latent_space(tmp_path):
     assert calls  # the teacher's mid_block gave the features
     assert set(json.loads((tmp_path / "o.json").read_text())) == {"guidance"}
     assert pipe._student_net is not None and not hasattr(pipe._student_net, "count")  # counters removed
+
+
+def test_validation_reads_both_study_formats_and_compares_like_with_like(tmp_path):
+    """benchmarks/tune_validation.py: the study's best row per student from fmnist_eval.json (a tree; seed set A's
+    selection grid left out) and from fmnist_study_best.json (flat rows), guidance in one normalised form."""
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import tune_validation as tv
+    finally:
+        sys.path.remove(str(bench))
+    g_harness = {"strength": 0.75, "steps": 2, "renoise": "next", "space": "x0", "teacher_cfg": None}
+    g_pipeline = {"strength": 0.75, "guided_steps": 2, "renoise": "next", "noise": "random", "space": "x0",
+                  "samples": 1, "teacher_cfg": 2.0}
+    assert tv.normalize(g_harness, 2.0) == tv.normalize(g_pipeline, 1.5)
+    assert tv.normalize({"strength": 0.0}, 2.0) is None and tv.normalize({"strength": [0.0, 0.0], "steps": 2}, 2) is None
+
+    def fid(mean):
+        return {"mean": mean, "std": 0.01, "values": [mean] * 3, "n": 3}
+
+    tree = {"protocol": {"seeds_B": [0, 1, 2], "n_B": 10000},
+            "main": [{"label": "pd", "method": {"model": "pd", "steps": None, "cfg": None, "guidance": None},
+                      "fid": fid(2.0)}],
+            "ablation": {"pd": [{"variant": "two", "method": {"model": "pd", "steps": None, "cfg": None,
+                                                              "guidance": g_harness}, "fid": fid(0.5)}]},
+            "cost": [{"method": {"model": "pd", "steps": 6, "cfg": None, "guidance": None}, "fid": fid(0.1)}],
+            "selection": {"pd": {"grid": [{"method": {"model": "pd", "steps": None, "cfg": None,
+                                                      "guidance": {"strength": 0.1}}, "fid": fid(0.01)}]}}}
+    flat = [{"model": "pd", "seed_set": "report", "steps": 4, "role": "plain 4 steps", "guidance": None,
+             "seeds": [0, 1, 2], "n": 10000, "fid_mean": 2.0, "fid_std": 0.01, "fid_values": [2.0] * 3},
+            {"model": "pd", "seed_set": "report", "steps": 4, "role": "chosen", "guidance": g_pipeline,
+             "seeds": [0, 1, 2], "n": 10000, "fid_mean": 0.5, "fid_std": 0.01, "fid_values": [0.5] * 3},
+            {"model": "pd", "seed_set": "report", "steps": 6, "role": "plain 6 steps", "guidance": None,
+             "seeds": [0, 1, 2], "n": 10000, "fid_mean": 0.1, "fid_std": 0.01, "fid_values": [0.1] * 3}]
+    for name, data in (("eval.json", tree), ("best.json", flat)):
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        rows, protocol = tv.load_study(path, "pd", 2.0, 4)
+        best = min(rows, key=lambda r: r["fid"]["mean"])
+        assert len(rows) == 2 and best["knobs"] == tv.normalize(g_pipeline, 2.0), name
+        assert protocol["seeds"] == [0, 1, 2] and protocol["n"] == 10000
+    verdict = tv.verdict({"mean": 0.52, "std": 0.01, "values": [0.52] * 3}, {"mean": 0.5, "std": 0.03, "values": [0.5] * 3})
+    assert verdict["within_spread"] and not tv.verdict({"mean": 0.6, "std": 0.01, "values": [0.6] * 3},
+                                                       {"mean": 0.5, "std": 0.03, "values": [0.5] * 3})["within_spread"]
