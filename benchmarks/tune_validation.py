@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="samples per seed (default: the study's, 10000)")
     p.add_argument("--batch", type=int, default=None, help="images per sampler call in the evaluation")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder for the evaluation (see fmnist_eval)")
+    p.add_argument("--models-dir", default=None,
+                   help="zoo models folder (default: the shipped weights; give the study's if it used retrained ones)")
     p.add_argument("--out", default="distillpp-out/tune_validation", help="results folder")
     return p
 
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                                 reference_steps=args.reference_steps, budget=args.budget, strengths=strengths,
                                 seed=args.tune_seed, margin=args.margin, out=out / f"zoo-{s}_overrides.json",
                                 results=out / f"zoo-{s}_tune.json", device=device,
-                                torch_dtype=getattr(torch, dtype_name), log=lambda line: print("   ", line, flush=True))
+                                torch_dtype=getattr(torch, dtype_name), log=lambda line: print("   ", line, flush=True),
+                                **({"models_dir": args.models_dir} if args.models_dir else {}))
                 r = tuned[s]
                 print(r.table())
                 print(f"    chosen: {r.chosen.label()} ({r.reason}); {r.forwards} image-forwards, {r.seconds:.1f} s",
@@ -257,13 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         bench_argv += ["--batch", str(args.batch)]
     if args.data_dir:
         bench_argv += ["--data-dir", args.data_dir]
+    if args.models_dir:
+        bench_argv += ["--models-dir", args.models_dir]
     bench = fmnist_eval.Bench(fmnist_eval.build_parser().parse_args(bench_argv))
 
     report: dict[str, Any] = {"title": "Data-free tuner vs the data-based study (Fashion-MNIST zoo)",
                               "written": _now(), "command": _command_line(), "card": bench.card, "dtype": dtype_name,
                               "study": str(args.study), "study_written": protocol.get("written"),
                               "study_cards": protocol.get("cards"), "seeds": seeds, "n": n,
-                              "tuner": {"images_per_prompt": args.images_per_prompt, "reference_steps":
+                              "models_dir": args.models_dir or "shipped", "tuner": {"images_per_prompt": args.images_per_prompt, "reference_steps":
                                         args.reference_steps, "budget": args.budget, "strengths": strengths,
                                         "margin": args.margin, "seed": args.tune_seed},
                               "within_rule": "tuner mean FID - best mean FID <= the larger sample std over seeds",
