@@ -333,7 +333,9 @@ class PipelinePair:
         feats = captured[-1] if captured else _pool(x0)
         feats = feats.double()
         if self._ref_stats is None:  # the first call is the reference's: it defines the scale
-            self._ref_stats = (feats.mean(0), feats.std(0).clamp(min=1e-6))
+            std = feats.std(0)
+            # A channel (nearly) constant over the reference would blow up any candidate's deviation in it.
+            self._ref_stats = (feats.mean(0), std.clamp(min=1e-3 * float(std.median()) + 1e-12))
         mean, std = self._ref_stats
         return (feats - mean) / std
 
