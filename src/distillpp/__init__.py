@@ -65,4 +65,5 @@ __all__ = [
     "denoisers",
     "schedules",
     "samplers",
+    "tune",
 ]
