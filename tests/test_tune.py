@@ -280,6 +280,7 @@ def test_validation_reads_both_study_formats_and_compares_like_with_like(tmp_pat
         rows, protocol = tv.load_study(path, "pd", 2.0, 4)
         best = min(rows, key=lambda r: r["fid"]["mean"])
         assert len(rows) == 2 and best["knobs"] == tv.normalize(g_pipeline, 2.0), name
+        assert best["chosen"] == (name == "best.json")  # the flat file marks the study's own choice
         assert protocol["seeds"] == [0, 1, 2] and protocol["n"] == 10000
     verdict = tv.verdict({"mean": 0.52, "std": 0.01, "values": [0.52] * 3}, {"mean": 0.5, "std": 0.03, "values": [0.5] * 3})
     assert verdict["within_spread"] and not tv.verdict({"mean": 0.6, "std": 0.01, "values": [0.6] * 3},
