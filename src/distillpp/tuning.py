@@ -44,7 +44,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
-from .cli import HelpFormatter, Parser, check_device, int_at_least, unit_float
+from .cli import HelpFormatter, Parser, check_device, int_at_least
 
 __all__ = ["tune", "Setting", "Trial", "TuneResult", "PipelinePair", "STRENGTHS", "TUNE_SEED", "DEFAULT_BUDGET",
            "ZOO_IMAGES_PER_PROMPT", "add_arguments", "run", "main"]
@@ -368,8 +368,6 @@ def _energy(m: Any, counts: Any = None) -> Any:
         counts: ``[B, n]`` multiplicities of bootstrap draws (``None``: the sample itself); a sample drawn
             twice is not paired with itself, as above. Returns ``[B]`` values then, else a float.
     """
-    import torch
-
     if counts is None:
         n = m.shape[0]
         return float((m.sum() - m.diagonal().sum()) / (n * n - n))
