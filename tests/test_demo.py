@@ -48,7 +48,8 @@ def test_demo_writes_grid_and_metrics(demo_out):
     labels = [r["method"] for r in report["rows"]]
     assert [r["model"] for r in report["rows"]] == ["teacher", "lcm", "lcm", "flow-teacher", "flow-student", "flow-student"]
     assert "teacher" in labels[0] and "50 steps" in labels[0]
-    assert report["rows"][2]["guidance"]["steps"] == 1 and report["rows"][2]["nfe_per_image"] == 4 + 2
+    # lcm's preset guides the second step only (strength 0 then 1): one teacher call with CFG = 2 forwards.
+    assert report["rows"][2]["guidance"]["steps"] == 2 and report["rows"][2]["nfe_per_image"] == 4 + 2
     assert report["samples_per_method"] == 4 and report["classes"] == [0, 7]
     assert report["fid"]["computed"] and all(r["fid"] is not None for r in report["rows"])
     assert all(0 <= r["class_consistency"] <= 1 for r in report["rows"])
@@ -108,3 +109,16 @@ def test_comparison_grid_shape():
 def test_cpu_threads():
     assert demo.cpu_threads(3) == 3
     assert 1 <= demo.cpu_threads(0) <= torch.get_num_threads()
+
+
+def test_demo_guidance_is_the_zoo_presets_guidance():
+    """The demo shows the study's chosen settings, which the zoo presets carry too; flow-student's preset is
+    unguided (guidance did not pay in the study) with the demo's guided setting's other knobs."""
+    from distillpp.pipelines import get_preset
+
+    for student, g in demo.GUIDANCE_PRESETS.items():
+        preset = get_preset(f"zoo-{student}").guidance
+        strength = tuple(g["strength"]) if isinstance(g["strength"], list) else g["strength"]
+        assert (preset.guided_steps, preset.renoise, preset.space, preset.teacher_cfg) == \
+            (g["steps"], g["renoise"], g["space"], g["teacher_cfg"]), student
+        assert preset.strength == (0.0 if student == "flow-student" else strength), student

@@ -45,7 +45,7 @@ def test_zoo_presets_and_prompts():
     with pytest.raises(ValueError, match="not a Fashion-MNIST class"):
         class_label("a red fox")
     pipe = from_preset("zoo-lcm")
-    assert pipe.has_teacher and pipe.sampler == "consistency" and pipe.guidance.strength == 0.75
+    assert pipe.has_teacher and pipe.sampler == "consistency" and pipe.guidance.strength == (0.0, 1.0)
     torch.testing.assert_close(pipe.sigmas(), zoo.load("lcm").sigmas())
     images = pipe(["Trouser", "Sandal"], generator=gen(), output_type="pil").images
     assert [im.size for im in images] == [(28, 28)] * 2 and images[0].mode == "L"

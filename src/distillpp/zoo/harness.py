@@ -169,13 +169,15 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def sample_forwards(method: Method, models: ModelCache) -> int:
-    """Network evaluations per image (a CFG forward counts twice, K teacher draws K times)."""
+    """Network evaluations per image (a CFG forward counts twice, K teacher draws K times; a guided step
+    whose strength is 0 does not call the teacher)."""
     m = models[method.model]
     n = method.resolved_steps(m) * (2 if method.resolved_cfg(m) != 1.0 else 1)
     if method.guidance:
         t = models[method.teacher]
         g = method.build_guidance(t)
-        n += g.steps * g.samples * (2 if float(g.teacher_cfg) != 1.0 else 1)
+        calls = sum(1 for lam in g.strengths(m.sigmas(method.resolved_steps(m))) if lam != 0.0)
+        n += calls * g.samples * (2 if float(g.teacher_cfg) != 1.0 else 1)
     return n
 
 
