@@ -5,7 +5,9 @@ student alone and the student with its teacher correcting the first steps (Disti
 Ye, ICCV 2025, arXiv 2412.08871), from the same initial noise, side by side; optionally the teacher's
 own many-step image for the same seeds; and plots how far each guided step moved the student's
 estimate (``GuidanceInfo.correction``, the RMS of ``x0 - x0_student`` per image). The settings of each
-result are shown as a ``distillpp generate`` command line and as Python.
+result are shown as a ``distillpp generate`` command line and as Python. ``--overrides FILE`` starts the
+app on a preset-override file's preset and settings (``distillpp tune`` writes such files), checked as
+``distillpp generate --overrides`` checks them.
 
 The app is offline: it listens on 127.0.0.1 unless ``--host`` says otherwise, Gradio's telemetry and
 version check are off, share links are never made, and weights are only downloaded when
@@ -26,7 +28,7 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "Request",
@@ -43,6 +45,7 @@ __all__ = [
     "serve",
     "guided_presets",
     "teacher_preset",
+    "read_overrides",
     "INSTALL_HINT",
 ]
 
@@ -65,8 +68,8 @@ class Request:
         prompt: the prompt (zoo: a class name or "0".."9").
         seeds: one image per seed; the same seeds for student, guided student and teacher.
         strength: ``lam``, or one value per guided step.
-        guided_steps, renoise, noise, space, teacher_cfg, samples: the TeacherGuidance knobs
-            (``teacher_cfg=None``: the preset's).
+        guided_steps, renoise, noise, space, teacher_cfg, samples, noise_mix: the TeacherGuidance knobs
+            (``teacher_cfg=None``: the preset's; ``noise_mix`` is used, and passed on, with ``noise="hybrid"`` only).
         steps: student steps (``None``: the preset's).
         with_teacher: also sample the teacher alone (zoo presets).
         teacher_steps: the teacher's steps when sampled alone (``None``: its preset's).
@@ -82,6 +85,7 @@ class Request:
     space: str = "x0"
     teacher_cfg: float | None = None
     samples: int = 1
+    noise_mix: float = 0.5
     steps: int | None = None
     with_teacher: bool = False
     teacher_steps: int | None = None
@@ -95,6 +99,8 @@ class Request:
         }
         if self.teacher_cfg is not None:
             kw["teacher_cfg"] = self.teacher_cfg
+        if self.noise == "hybrid":
+            kw["noise_mix"] = self.noise_mix
         return kw
 
 
@@ -189,6 +195,7 @@ def parse_request(
     samples: Any = 1,
     with_teacher: Any = False,
     teacher_steps: Any = None,
+    noise_mix: Any = 0.5,
 ) -> Request:
     """Check raw UI values and build a :class:`Request`.
 
@@ -205,6 +212,7 @@ def parse_request(
         samples: K teacher draws per guided step (>= 1).
         with_teacher: also sample the teacher alone.
         teacher_steps: the teacher's own steps, empty for its preset's.
+        noise_mix: weight of fresh noise in ``noise="hybrid"``, in [0, 1] (empty: 0.5).
 
     Raises:
         ValueError: a readable message naming the setting.
@@ -234,37 +242,96 @@ def parse_request(
         steps=_count(steps, "student steps", 1),
         with_teacher=bool(with_teacher),
         teacher_steps=_count(teacher_steps, "teacher steps", 1),
+        noise_mix=_or(_number(noise_mix, "noise mix"), 0.5),
     )
     # The remaining range checks (choices, strength list length, finite CFG) are TeacherGuidance's own.
     kw = req.guidance_kwargs()
-    TeacherGuidance(**{**kw, "teacher_cfg": kw.get("teacher_cfg")})
+    TeacherGuidance(**{**kw, "teacher_cfg": kw.get("teacher_cfg"), "noise_mix": req.noise_mix})
     if isinstance(req.strength, tuple) and len(req.strength) < req.guided_steps:
         raise ValueError(f"per-step strengths: {req.guided_steps} guided steps need {req.guided_steps} values, "
                          f"got {len(req.strength)}")
     return req
 
 
-def preset_defaults(name: str) -> dict[str, Any]:
-    """The UI's starting values for a preset: its steps and guidance knobs, and whether it is a zoo preset."""
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def preset_defaults(name: str, overrides: str | os.PathLike | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The UI's starting values for a preset: its steps and guidance knobs, and whether it is a zoo preset.
+
+    Args:
+        name: a preset name.
+        overrides: a preset-override file or mapping applied to the preset first
+            (:func:`~distillpp.pipelines.presets.apply_overrides`).
+
+    A per-step strength (a tuple) fills ``per_step``; ``strength`` then holds its first value. So does a
+    single strength off the slider's 0.01 grid (a tuned value), which a browser's slider would round.
+    """
     from .pipelines import get_preset
+    from .pipelines.presets import apply_overrides
 
     p = get_preset(name)
+    if overrides is not None:
+        p = apply_overrides(p, overrides)
     g = p.guidance
     teacher = teacher_preset(name)
     strength = getattr(g, "strength", 0.1)
+    values = [float(v) for v in strength] if isinstance(strength, (list, tuple)) else [float(strength)]
+    on_grid = len(values) == 1 and abs(values[0] * 100 - round(values[0] * 100)) < 1e-9
     return {
         "zoo": _is_zoo(name),
         "steps": int(p.num_inference_steps),
-        "strength": float(strength[0]) if isinstance(strength, (list, tuple)) else float(strength),
-        "per_step": ", ".join(f"{v:g}" for v in strength) if isinstance(strength, (list, tuple)) else "",
+        "strength": values[0] if values else 0.0,
+        "per_step": "" if on_grid else ", ".join(_text(v) for v in values),
         "guided_steps": int(getattr(g, "guided_steps", 1)),
         "renoise": getattr(g, "renoise", "next"),
         "noise": getattr(g, "noise", "random"),
         "space": getattr(g, "space", "x0"),
         "teacher_cfg": getattr(g, "teacher_cfg", None),
         "samples": int(getattr(g, "samples", 1)),
+        "noise_mix": float(getattr(g, "noise_mix", 0.5)),
         "teacher_steps": int(get_preset(teacher).num_inference_steps) if teacher else None,
     }
+
+
+def read_overrides(path: str | os.PathLike, preset: str | None = None) -> str:
+    """Check a preset-override file (``distillpp tune`` writes them) for ``distillpp ui --overrides``.
+
+    The file is read and applied with :func:`~distillpp.pipelines.presets.apply_overrides`, as
+    ``distillpp generate --overrides`` does, and the controls it fills must form a valid request.
+
+    Args:
+        path: the JSON file.
+        preset: ``--preset``, or ``None`` for the preset the file names (else :data:`DEFAULT_PRESET`).
+
+    Returns:
+        The preset the app starts on.
+
+    Raises:
+        ValueError: one line starting with ``--overrides:`` (unreadable file, unknown fields, a preset
+            the app does not offer or other than ``preset``, an invalid value).
+    """
+    import torch
+
+    from .pipelines import get_preset
+    from .pipelines.presets import apply_overrides, load_overrides
+
+    try:
+        made_for = load_overrides(path).get("preset")
+        name = preset or made_for or DEFAULT_PRESET
+        if name not in guided_presets():
+            raise ValueError(f"preset {name!r} is not offered by distillpp ui (it offers the students with a "
+                             f"teacher: {', '.join(guided_presets())})")
+        p = apply_overrides(get_preset(name), path)
+        # The sampler's own check (guided steps within the steps, one strength per guided step).
+        p.guidance.strengths(torch.zeros(int(p.num_inference_steps) + 1))
+        d = preset_defaults(name, path)
+        parse_request(name, "0", "0", d["strength"], d["per_step"], d["guided_steps"], d["steps"], d["renoise"],
+                      d["noise"], d["space"], d["teacher_cfg"], d["samples"], False, None, d["noise_mix"])
+    except ValueError as err:
+        raise ValueError(f"--overrides: {err}") from None
+    return name
 
 
 def _is_zoo(name: str) -> bool:
@@ -311,11 +378,15 @@ class Backend:
         download: let presets fetch missing weights (``distillpp ui --download``); otherwise only
             local folders and the Hugging Face cache are used.
         max_pipelines: pipelines kept loaded; the least recently used is dropped first.
+        overrides: preset name -> preset-override file loaded with that preset (``distillpp ui --overrides``);
+            the reproduction strings name the file too.
     """
 
-    def __init__(self, device: str = "cpu", download: bool = False, max_pipelines: int = 4):
+    def __init__(self, device: str = "cpu", download: bool = False, max_pipelines: int = 4,
+                 overrides: Mapping[str, str] | None = None):
         self.device = device
         self.download = bool(download)
+        self.overrides = dict(overrides or {})
         self._pipes: OrderedDict[str, Any] = OrderedDict()
         self.max_pipelines = max(1, int(max_pipelines))
 
@@ -327,6 +398,8 @@ class Backend:
         from .pipelines import from_preset
 
         kwargs: dict[str, Any] = {"device": self.device}
+        if name in self.overrides:
+            kwargs["overrides"] = self.overrides[name]
         if not _is_zoo(name):
             kwargs["download"] = self.download
         pipe = from_preset(name, **kwargs)
@@ -405,29 +478,52 @@ class Backend:
 # ---------------------------------------------------------------------------------------------
 
 
+def _text(value: float) -> str:
+    # The shortest text that reads back as the same float (a tuned 0.123456 stays exact), without a bare ".0".
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def _strength_text(strength: Strength) -> str:
-    return ",".join(f"{v:g}" for v in strength) if isinstance(strength, tuple) else f"{strength:g}"
+    return ",".join(_text(v) for v in strength) if isinstance(strength, tuple) else _text(strength)
 
 
-def command_line(req: Request, device: str | None = None) -> str:
+def command_line(req: Request, device: str | None = None, overrides: str | None = None) -> str:
     """The ``distillpp generate`` command that samples the guided images of ``req`` (and, with
-    ``--side-by-side``, the plain student next to them)."""
-    args = ["distillpp", "generate", "--preset", req.preset, "--prompt", req.prompt,
-            "--seeds", *[str(s) for s in req.seeds]]
+    ``--side-by-side``, the plain student next to them).
+
+    Args:
+        req: the settings.
+        device: ``--device``, if any.
+        overrides: the preset-override file the app loaded the preset with (``--overrides``); it carries
+            the fields without a control (e.g. timesteps), the flags give every knob the page shows.
+    """
+    args = ["distillpp", "generate", "--preset", req.preset]
+    if overrides:
+        args += ["--overrides", os.fspath(overrides)]
+    args += ["--prompt", req.prompt, "--seeds", *[str(s) for s in req.seeds]]
     if req.steps is not None:
         args += ["--steps", str(req.steps)]
     args += ["--strength", _strength_text(req.strength), "--guided-steps", str(req.guided_steps),
              "--renoise", req.renoise, "--noise", req.noise, "--space", req.space]
     if req.teacher_cfg is not None:
-        args += ["--teacher-cfg", f"{req.teacher_cfg:g}"]
+        args += ["--teacher-cfg", _text(req.teacher_cfg)]
+    if req.noise == "hybrid":
+        args += ["--noise-mix", _text(req.noise_mix)]
     args += ["--samples", str(req.samples), "--side-by-side"]
     if device:
         args += ["--device", device]
     return " ".join(shlex.quote(a) for a in args)
 
 
-def python_code(req: Request, device: str = "cpu") -> str:
-    """Python that samples the guided and the plain-student images of ``req`` with ``from_preset``."""
+def python_code(req: Request, device: str = "cpu", overrides: str | None = None) -> str:
+    """Python that samples the guided and the plain-student images of ``req`` with ``from_preset``.
+
+    Args:
+        req: the settings.
+        device: the pipelines' device.
+        overrides: the preset-override file the app loaded the preset with (see :func:`command_line`).
+    """
     kw = req.guidance_kwargs()
     if req.steps is not None:
         kw = {"num_inference_steps": req.steps, **kw}
@@ -437,7 +533,8 @@ def python_code(req: Request, device: str = "cpu") -> str:
         "import torch",
         "from distillpp.pipelines import from_preset",
         "",
-        f"pipe = from_preset({req.preset!r}, device={device!r})",
+        f"pipe = from_preset({req.preset!r}, "
+        + (f"overrides={os.fspath(overrides)!r}, " if overrides else "") + f"device={device!r})",
         f"seeds = {list(req.seeds)!r}",
         "def generators():  # one per image: each image depends only on its own seed",
         "    return [torch.Generator('cpu').manual_seed(s) for s in seeds]",
@@ -538,7 +635,8 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
     """The Gradio ``Blocks`` of the app (not launched).
 
     Args:
-        backend: samples the images.
+        backend: samples the images; its ``overrides`` (preset -> override file) set that preset's
+            starting values.
         preset: the preset selected at start.
     """
     gr = _import_gradio()
@@ -549,7 +647,7 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
     presets = guided_presets()
     if preset not in presets:
         raise ValueError(f"preset must be one of {', '.join(presets)}; got {preset!r}")
-    d = preset_defaults(preset)
+    d = preset_defaults(preset, backend.overrides.get(preset))
 
     with gr.Blocks(title="distillpp: teacher-guided sampling", analytics_enabled=False) as app:
         gr.Markdown(
@@ -569,17 +667,21 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
                 with gr.Row():
                     w_strength = gr.Slider(0.0, 1.0, value=d["strength"], step=0.01, label="Strength λ",
                                            elem_id="strength")
-                    w_guided = gr.Slider(0, 8, value=d["guided_steps"], step=1, label="Guided steps")
+                    w_guided = gr.Slider(0, max(8, d["guided_steps"]), value=d["guided_steps"], step=1,
+                                         label="Guided steps")
                 w_per_step = gr.Textbox(d["per_step"], label="Per-step strengths (optional)",
                                         placeholder="e.g. 0.75, 0.3 — overrides λ", elem_id="per-step")
                 with gr.Accordion("More guidance knobs", open=False):
                     w_steps = gr.Number(d["steps"], label="Student steps", precision=0)
                     w_renoise = gr.Radio(["next", "same", "random"], value=d["renoise"], label="Re-noise level")
                     w_noise = gr.Radio(["random", "deterministic", "hybrid"], value=d["noise"], label="Noise")
+                    w_noise_mix = gr.Number(d["noise_mix"], label="Noise mix (hybrid)",
+                                            info="weight of fresh noise in hybrid noise", elem_id="noise-mix")
                     w_space = gr.Radio(["x0", "eps"], value=d["space"], label="Fusion space")
                     w_cfg = gr.Number(d["teacher_cfg"], label="Teacher CFG",
                                       info="the teacher's CFG scale in the guided steps")
-                    w_samples = gr.Slider(1, 8, value=d["samples"], step=1, label="K teacher samples per step")
+                    w_samples = gr.Slider(1, max(8, d["samples"]), value=d["samples"], step=1,
+                                          label="K teacher samples per step")
                 with gr.Row(visible=d["zoo"]) as w_teacher_row:
                     w_teacher = gr.Checkbox(True, label="Also show the teacher alone (its own sampler)", scale=2)
                     w_teacher_steps = gr.Number(d["teacher_steps"], label="Teacher steps", precision=0, scale=1,
@@ -609,28 +711,29 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
 
         def on_preset(name: str, class_name: str):
             try:
-                p = preset_defaults(name)
+                p = preset_defaults(name, backend.overrides.get(name))
             except (KeyError, ValueError) as err:
-                return [gr.update()] * 14 + [_error_text(err)]
+                return [gr.update()] * 15 + [_error_text(err)]
             zoo = p["zoo"]
             return [
                 gr.update(visible=zoo), gr.update(visible=not zoo, value=class_name if zoo else ""),
                 p["strength"], p["per_step"], p["guided_steps"], p["steps"], p["renoise"], p["noise"], p["space"],
-                p["teacher_cfg"], p["samples"], gr.update(visible=zoo), p["teacher_steps"], gr.update(visible=zoo),
-                "Pick settings and press **Generate**.",
+                p["teacher_cfg"], p["samples"], p["noise_mix"], gr.update(visible=zoo), p["teacher_steps"],
+                gr.update(visible=zoo), "Pick settings and press **Generate**.",
             ]
 
         w_preset.change(on_preset, [w_preset, w_class], [w_class, w_prompt, w_strength, w_per_step, w_guided, w_steps,
-                                              w_renoise, w_noise, w_space, w_cfg, w_samples, w_teacher_row,
+                                              w_renoise, w_noise, w_space, w_cfg, w_samples, w_noise_mix, w_teacher_row,
                                               w_teacher_steps, g_teacher, w_status],
                         api_visibility="private")
         w_class.change(lambda c: c, w_class, w_prompt, api_visibility="private")
 
         def on_generate(preset, prompt, seeds, strength, per_step, guided_steps, steps, renoise, noise, space,
-                        teacher_cfg, samples, with_teacher, teacher_steps, progress=gr.Progress()):
+                        teacher_cfg, samples, with_teacher, teacher_steps, noise_mix=0.5, progress=gr.Progress()):
             try:
                 req = parse_request(preset, prompt, seeds, strength, per_step, guided_steps, steps, renoise, noise,
-                                    space, teacher_cfg, samples, with_teacher and _is_zoo(str(preset)), teacher_steps)
+                                    space, teacher_cfg, samples, with_teacher and _is_zoo(str(preset)), teacher_steps,
+                                    noise_mix)
                 progress(0.0, desc="loading models")
                 result = backend.generate_pair(req, progress=lambda f, text: progress(f, desc=text))
             except Exception as err:  # noqa: BLE001 - every failure becomes a message, the app keeps running
@@ -645,14 +748,14 @@ def build_app(backend: Backend, preset: str = DEFAULT_PRESET) -> Any:
                 gr.update(value=_display(result.guided, req.seeds), columns=cols),
                 gr.update(value=_display(result.teacher, req.seeds), columns=cols, visible=result.teacher is not None),
                 pd.DataFrame(correction_rows(result)),
-                command_line(req, backend.device),
-                python_code(req, backend.device),
+                command_line(req, backend.device, backend.overrides.get(req.preset)),
+                python_code(req, backend.device, backend.overrides.get(req.preset)),
             )
 
         w_go.click(
             on_generate,
             [w_preset, w_prompt, w_seeds, w_strength, w_per_step, w_guided, w_steps, w_renoise, w_noise, w_space,
-             w_cfg, w_samples, w_teacher, w_teacher_steps],
+             w_cfg, w_samples, w_teacher, w_teacher_steps, w_noise_mix],
             [w_status, g_student, g_guided, g_teacher, w_plot, w_cmd, w_py],
             api_name="generate",
         )
@@ -669,7 +772,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (127.0.0.1: this machine only; 0.0.0.0 exposes it on the network)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
-    parser.add_argument("--preset", default=DEFAULT_PRESET, help="preset selected at start")
+    parser.add_argument("--preset", default=None,
+                        help=f"preset selected at start (default: the --overrides file's, else {DEFAULT_PRESET})")
+    parser.add_argument("--overrides", default=None, metavar="FILE",
+                        help="preset-override JSON (e.g. written by distillpp tune): the app starts on its preset "
+                             "with its guidance settings in the controls")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--download", action="store_true",
                         help="let diffusers presets download missing weights (default: local files only)")
@@ -685,8 +792,13 @@ def run(args: argparse.Namespace) -> int:
     # The options are checked before Gradio (seconds to import) is loaded.
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.preset not in guided_presets():
+    preset = args.preset or DEFAULT_PRESET
+    if args.preset is not None and args.preset not in guided_presets():
         raise ValueError(f"--preset must be one of {', '.join(guided_presets())}; got {args.preset!r}")
+    overrides: dict[str, str] = {}
+    if args.overrides is not None:
+        preset = read_overrides(args.overrides, args.preset)
+        overrides[preset] = os.path.abspath(args.overrides)  # the reproduction strings work from any folder
     if args.device:
         check_device(args.device)
     try:
@@ -701,7 +813,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cpu":
         torch.set_num_threads(cpu_threads(args.threads))
-    app = build_app(Backend(device=device, download=args.download), preset=args.preset)
+    app = build_app(Backend(device=device, download=args.download, overrides=overrides), preset=preset)
     url = serve(app, args.host, args.port, open_browser=args.open, block=False)
     print(f"distillpp ui: serving on {url} (Ctrl-C stops it)", flush=True)
     try:
