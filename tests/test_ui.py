@@ -9,6 +9,7 @@ screenshot in a temporary folder.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -59,6 +60,9 @@ def test_parse_request_reads_every_setting():
     assert (req.renoise, req.noise, req.space, req.teacher_cfg, req.samples) == ("same", "hybrid", "eps", 2.0, 3)
     assert req.with_teacher and req.teacher_steps == 10
     assert request(teacher_cfg=None).guidance_kwargs().get("teacher_cfg") is None
+    # noise_mix only means something for hybrid noise, and is passed on only then.
+    assert request(noise="hybrid", noise_mix="0.25").guidance_kwargs()["noise_mix"] == 0.25
+    assert "noise_mix" not in request(noise_mix=0.25).guidance_kwargs()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -79,6 +83,8 @@ def test_parse_request_reads_every_setting():
     ({"samples": 0}, "K (teacher samples) must be a whole number >= 1"),
     ({"teacher_cfg": "high"}, "teacher CFG must be a number"),
     ({"teacher_cfg": float("inf")}, "teacher_cfg must be a finite number"),
+    ({"noise": "hybrid", "noise_mix": 1.5}, "noise_mix must be in [0, 1]"),
+    ({"noise_mix": "lots"}, "noise mix must be a number"),
 ])
 def test_parse_request_refuses_bad_input_with_a_readable_message(overrides, message):
     with pytest.raises(ValueError) as err:
@@ -86,18 +92,171 @@ def test_parse_request_refuses_bad_input_with_a_readable_message(overrides, mess
     assert message in str(err.value)
 
 
+def defaults_request(preset, d, seeds="0"):
+    """The request the page's controls make when they hold ``d`` (from ``ui.preset_defaults``)."""
+    return ui.parse_request(preset, "Sneaker", seeds, d["strength"], d["per_step"], d["guided_steps"],
+                            d["steps"], d["renoise"], d["noise"], d["space"], d["teacher_cfg"], d["samples"],
+                            False, None, d["noise_mix"])
+
+
+def guidance_of(req):
+    from distillpp import TeacherGuidance
+
+    kw = req.guidance_kwargs()
+    return TeacherGuidance(**{**kw, "noise_mix": kw.get("noise_mix", req.noise_mix)})
+
+
+def assert_same_guidance(req, g):
+    got = guidance_of(req)
+    names = ["strength", "guided_steps", "renoise", "noise", "space", "teacher_cfg", "samples"]
+    if g.noise == "hybrid":
+        names.append("noise_mix")
+    assert {n: getattr(got, n) for n in names} == {n: getattr(g, n) for n in names}
+
+
 def test_preset_defaults_follow_the_preset():
     from distillpp.pipelines import get_preset
 
     d = ui.preset_defaults("zoo-lcm")
     p = get_preset("zoo-lcm")
-    assert d["zoo"] and d["steps"] == p.num_inference_steps and d["strength"] == p.guidance.strength
+    assert d["zoo"] and d["steps"] == p.num_inference_steps
+    # The controls filled with the defaults ask for the preset's own guidance, whatever form its strength has.
+    assert_same_guidance(defaults_request("zoo-lcm", d), p.guidance)
     assert d["teacher_steps"] == get_preset("zoo-teacher").num_inference_steps
     assert ui.teacher_preset("zoo-flow-student") == "zoo-flow-teacher"
     sd = ui.preset_defaults("sdxl-lcm")
     assert not sd["zoo"] and sd["teacher_steps"] is None and ui.teacher_preset("sdxl-lcm") is None
     offered = ui.guided_presets()
     assert offered[:3] == ["zoo-flow-student", "zoo-lcm", "zoo-pd"] and "zoo-teacher" not in offered
+
+
+@pytest.mark.parametrize("strength, guided, per_step, slider", [
+    ((0.0, 1.0), 2, "0, 1", 0.0),  # per-step strengths as a preset's default
+    ((0.6, 0.3, 0.1), 2, "0.6, 0.3, 0.1", 0.6),  # more values than guided steps: the extra ones are unused
+    (0.123456789, 1, "0.123456789", 0.123456789),  # off the slider's 0.01 grid: kept exact in the text field
+    (0.25, 1, "", 0.25),
+])
+def test_preset_defaults_fill_the_per_step_field_for_a_tuple_strength(monkeypatch, strength, guided, per_step,
+                                                                      slider):
+    from dataclasses import replace
+
+    from distillpp import TeacherGuidance
+    from distillpp.pipelines import PRESETS, get_preset
+
+    g = TeacherGuidance(strength=strength, guided_steps=guided, space="x0", teacher_cfg=1.5)
+    monkeypatch.setitem(PRESETS, "zoo-lcm", replace(get_preset("zoo-lcm"), guidance=g))
+    d = ui.preset_defaults("zoo-lcm")
+    assert (d["per_step"], d["strength"], d["guided_steps"]) == (per_step, slider, guided)
+    req = defaults_request("zoo-lcm", d)
+    assert_same_guidance(req, g)
+    from distillpp.pipelines.cli import parse_strength
+
+    argv = shlex.split(ui.command_line(req))
+    given = parse_strength(argv[argv.index("--strength") + 1])
+    assert np.atleast_1d(given).tolist() == np.atleast_1d(strength).tolist()
+
+
+def write_overrides(path, data):
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return str(path)
+
+
+TUNED = {"preset": "zoo-pd", "num_inference_steps": 3,
+         "guidance": {"strength": [0.3, 0.65], "guided_steps": 2, "renoise": "same", "noise": "hybrid",
+                      "noise_mix": 0.25, "space": "x0", "teacher_cfg": 3.5, "samples": 2}}
+
+
+def test_ui_overrides_flag_starts_on_the_files_preset_with_its_settings(tmp_path, monkeypatch):
+    pytest.importorskip("gradio")
+    from distillpp.cli import main
+
+    path = write_overrides(tmp_path / "tuned.json", TUNED)
+    started = {}
+
+    class Started(Exception):
+        pass
+
+    def fake_serve(app, *args, **kwargs):
+        started["app"] = app
+        raise Started
+
+    real_build = ui.build_app
+    monkeypatch.setattr(ui, "build_app", lambda backend, preset: started.update(backend=backend) or real_build(
+        backend, preset=preset))
+    monkeypatch.setattr(ui, "serve", fake_serve)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the other tests keep their threads
+    with pytest.raises(Started):
+        main(["ui", "--overrides", path, "--device", "cpu"])
+    assert started["backend"].overrides == {"zoo-pd": os.path.abspath(path)}
+    values = {b.label: b.value for b in started["app"].blocks.values()
+              if getattr(b, "label", None) and hasattr(b, "value")}
+    assert values["Preset"] == "zoo-pd"
+    assert values["Per-step strengths (optional)"] == "0.3, 0.65" and values["Strength λ"] == 0.3
+    assert values["Guided steps"] == 2
+    assert values["Student steps"] == 3 and values["K teacher samples per step"] == 2
+    assert (values["Re-noise level"], values["Noise"], values["Fusion space"]) == ("same", "hybrid", "x0")
+    assert values["Teacher CFG"] == 3.5 and values["Noise mix (hybrid)"] == 0.25
+    # --preset naming the file's own preset is the same start.
+    assert ui.read_overrides(path, "zoo-pd") == "zoo-pd"
+    # A file without "preset" applies to --preset, else to the default preset.
+    bare = write_overrides(tmp_path / "bare.json", {"guidance": {"strength": 0.4, "guided_steps": 1}})
+    assert ui.read_overrides(bare) == ui.DEFAULT_PRESET and ui.read_overrides(bare, "zoo-pd") == "zoo-pd"
+
+
+def test_reproduction_strings_carry_the_override_settings(tmp_path):
+    from dataclasses import replace
+
+    from distillpp.cli import main
+
+    path = write_overrides(tmp_path / "tuned.json", TUNED)
+    backend = ui.Backend(device="cpu", overrides={"zoo-pd": path})
+    req = defaults_request("zoo-pd", ui.preset_defaults("zoo-pd", path), seeds="0, 2")
+    r = backend.generate_pair(req)
+    assert len(r.corrections) == 3 and all(c > 0 for step in r.corrections[:2] for c in step)
+    # Every setting of the file is in effect: half the noise mix gives other images.
+    other = backend.generate_pair(replace(req, noise_mix=0.5))
+    assert any(np.abs(a.astype(int) - b).max() > 0 for a, b in zip(pixels(r.guided), pixels(other.guided)))
+
+    cmd = ui.command_line(req, "cpu", path)
+    assert f"--overrides {path}" in cmd and "--strength 0.3,0.65" in cmd and "--noise-mix 0.25" in cmd
+    out = tmp_path / "out"
+    assert main(shlex.split(cmd)[1:] + ["--out", str(out)]) == 0
+    for k, seed in enumerate(req.seeds):
+        saved = [p for p in out.glob(f"*seed{seed}*.png") if "student-vs-guided" not in p.name]
+        np.testing.assert_array_equal(pixels([Image.open(saved[0])])[0], pixels(r.guided)[k])
+
+    code = ui.python_code(req, "cpu", path)
+    assert f"overrides={path!r}" in code
+    namespace: dict = {}
+    exec(compile(code, "<ui python>", "exec"), namespace)
+    for name in ("student", "guided"):
+        for a, b in zip(pixels(namespace[name]), pixels(getattr(r, name)), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("data, argv, message", [
+    ({"preset": "zoo-teacher"}, [], "preset 'zoo-teacher' is not offered by distillpp ui"),
+    ({"preset": "zoo-lcm", "guidance": {"strength": 1.5}}, [], "strength must be in [0, 1], got 1.5"),
+    ({"preset": "zoo-lcm", "guidance": {"strength": [0.5], "guided_steps": 2}}, [],
+     "strength has 1 values but guided_steps=2 are guided"),
+    ({"preset": "zoo-lcm", "guidance": {"guided_steps": 9}}, [], "guided_steps must be in [0, 4]"),
+    ({"preset": "zoo-lcm", "guidance": {"lam": 0.5}}, [], "unknown guidance knobs ['lam']"),
+    ({"preset": "zoo-lcm", "seed": 3}, [], "overrides has unknown fields ['seed']"),
+    ({"preset": "zoo-lcm"}, ["--preset", "zoo-pd"], "overrides were made for preset 'zoo-lcm', not 'zoo-pd'"),
+    ("{not json", [], "is not readable JSON"),
+    (None, [], "is not readable JSON"),  # no such file
+])
+def test_ui_refuses_a_bad_overrides_file_in_one_line_before_serving(tmp_path, monkeypatch, capsys, data, argv,
+                                                                     message):
+    from distillpp.cli import main
+
+    path = tmp_path / "overrides.json"
+    if data is not None:
+        path.write_text(data if isinstance(data, str) else json.dumps(data), encoding="utf-8")
+    monkeypatch.setattr(ui, "_import_gradio", lambda: pytest.fail("the file must be checked before Gradio loads"))
+    assert main(["ui", "--overrides", str(path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distillpp ui: error: --overrides: ") and message in err and err.count("\n") == 1, err
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -183,7 +342,7 @@ def test_ui_listens_on_localhost_by_default():
     parser = argparse.ArgumentParser()
     ui.add_arguments(parser)
     args = parser.parse_args([])
-    assert (args.host, args.download, args.preset) == ("127.0.0.1", False, "zoo-lcm")
+    assert (args.host, args.download, args.preset, args.overrides) == ("127.0.0.1", False, None, None)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -229,7 +388,7 @@ def server(backend):
 def predict(client, **overrides):
     kw = dict(preset="zoo-lcm", prompt="Sneaker", seeds="0, 1", strength=0.75, per_step="", guided_steps=1,
               steps=4, renoise="next", noise="random", space="x0", teacher_cfg=1.5, samples=1,
-              with_teacher=False, teacher_steps=50)
+              with_teacher=False, teacher_steps=50, noise_mix=0.5)
     kw.update(overrides)
     return client.predict(*kw.values(), api_name="/generate")
 
