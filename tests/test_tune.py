@@ -164,7 +164,7 @@ def test_zoo_override_file_round_trips_without_touching_fashion_mnist(zoo_pd, tm
     reference, plain, guided = n * 2 * 2 + n, n * (4 + 1), n * (4 + 2 + 1)
     r = tune("zoo-pd", prompts=["Sneaker", "Bag"], images_per_prompt=2, reference_steps=2, strengths=[0.75],
              budget=reference + plain + guided, margin=0.0, out=out, pipe=zoo_pd)
-    assert [t.setting for t in r.trials] == [Setting(0.0), Setting(0.75)]
+    assert [t.setting for t in r.trials] == [Setting(0.0), Setting(0.75, 1, "next", r.info["reference_cfg"])]
     saved = json.loads(out.read_text())
     assert saved == r.overrides and saved["preset"] == "zoo-pd"
     loaded = from_preset("zoo-pd", overrides=out)
@@ -233,7 +233,14 @@ def test_a_diffusers_pipeline_is_tuned_in_latent_space(tmp_path):
     finally:
         handle.remove()
     assert r.info["feature_layer"] == "UNetMidBlock2DCrossAttn" and r.info["sample_space"] == "latent"
-    assert [t.setting for t in r.trials][:3] == [Setting(0.0), Setting(0.5), Setting(0.5, 2)]
+    own = r.info["reference_cfg"]
+    assert [t.setting for t in r.trials][:3] == [Setting(0.0), Setting(0.5, 1, "next", own), Setting(0.5, 2, "next", own)]
+    # The rest of the stated search: the second step alone, renoise same/random, the teacher without CFG.
+    settings = [t.setting for t in r.trials]
+    assert Setting((0.0, 0.5), 2, "next", own) in settings
+    assert {t.setting.renoise for t in r.trials if t.stage == "renoise"} == {"same", "random"}
+    assert any(t.setting.teacher_cfg == 1.0 for t in r.trials if t.stage == "teacher cfg") == (own != 1.0)
+    assert Setting((0.0, 0.5), 2).knobs()["strength"] == [0.0, 0.5] and Setting((0.0, 0.0), 2).plain
     assert calls  # the teacher's mid_block gave the features
     assert set(json.loads((tmp_path / "o.json").read_text())) == {"guidance"}
     assert pipe._student_net is not None and not hasattr(pipe._student_net, "count")  # counters removed

@@ -16,10 +16,11 @@ every candidate), each feature standardised by the reference. Lower is better. d
 ("Tuning") says why this criterion and not a per-sample distance; the per-sample RMS distance to the
 teacher's sample from the same noise is reported beside it.
 
-Search (a stated space, within a budget of model calls): the plain student; each strength of
-:data:`STRENGTHS` with one guided step (renoise ``next``, fusion in x0, the preset's teacher CFG); each
-with two guided steps; renoise ``same`` for the two best guided settings so far; the teacher's own CFG
-scale (where it differs from the preset's) with the best setting so far. It stops
+Search (a stated space, within a budget of model calls; the teacher at its own CFG scale unless said):
+the plain student; each strength of :data:`STRENGTHS` with one guided step (renoise ``next``, fusion in
+x0); each with two guided steps; the second step alone (``(0, lam)``) at the two best one-step
+strengths; renoise ``same`` and ``random`` for the two best guided settings so far; the teacher without
+CFG (scale 1) for the two best so far. It stops
 before a candidate that would pass the budget. Forwards are counted as network evaluations times
 images (a CFG forward counts twice, like :func:`distillpp.zoo.harness.sample_forwards`), student,
 teacher and feature passes alike. The choice is the guided setting with the lowest criterion among those
@@ -71,26 +72,33 @@ class Setting:
     """One candidate: the knobs the tuner varies (fusion space x0, one teacher draw, the preset's noise).
 
     Attributes:
-        strength: ``lam``; 0 is the plain student.
+        strength: ``lam``, or one ``lam`` per guided step (a tuple; ``(0, lam)`` guides the second step
+            only); 0 is the plain student.
         guided_steps: leading steps guided (0 for the plain student).
-        renoise: ``"next"`` or ``"same"``.
+        renoise: ``"next"``, ``"same"`` or ``"random"``.
         teacher_cfg: the teacher's CFG scale during guidance (``None``: the preset's).
     """
 
-    strength: float
+    strength: float | tuple[float, ...]
     guided_steps: int = 1
     renoise: str = "next"
     teacher_cfg: float | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.strength, list):  # from JSON
+            self.strength = tuple(self.strength)
+
     @property
     def plain(self) -> bool:
-        return self.strength == 0 or self.guided_steps == 0
+        lams = self.strength if isinstance(self.strength, tuple) else (self.strength,)
+        return all(v == 0 for v in lams) or self.guided_steps == 0
 
     def knobs(self) -> dict[str, Any]:
         """The ``"guidance"`` entry of a preset-override file."""
         if self.plain:
             return {"strength": 0.0, "guided_steps": 0}
-        out: dict[str, Any] = {"strength": self.strength, "guided_steps": self.guided_steps,
+        strength = list(self.strength) if isinstance(self.strength, tuple) else self.strength
+        out: dict[str, Any] = {"strength": strength, "guided_steps": self.guided_steps,
                                "renoise": self.renoise, "space": "x0", "samples": 1}
         if self.teacher_cfg is not None:
             out["teacher_cfg"] = self.teacher_cfg
@@ -100,7 +108,8 @@ class Setting:
         if self.plain:
             return "plain student (strength 0)"
         cfg = "" if self.teacher_cfg is None else f", teacher cfg {self.teacher_cfg:g}"
-        return f"x0 lam={self.strength:g}, {self.guided_steps} step{'s' if self.guided_steps > 1 else ''}, " \
+        lam = "/".join(f"{v:g}" for v in self.strength) if isinstance(self.strength, tuple) else f"{self.strength:g}"
+        return f"x0 lam={lam}, {self.guided_steps} step{'s' if self.guided_steps > 1 else ''}, " \
                f"renoise {self.renoise}{cfg}"
 
 
@@ -282,7 +291,9 @@ class PipelinePair:
         if not setting.plain:
             cfg = setting.teacher_cfg if setting.teacher_cfg is not None else self.pipe.guidance.teacher_cfg
             cfg = self.reference_cfg if cfg is None else cfg
-            per += setting.guided_steps * (2 if cfg != 1.0 else 1)
+            lams = setting.strength if isinstance(setting.strength, tuple) else (setting.strength,) * setting.guided_steps
+            calls = sum(1 for v in lams[: setting.guided_steps] if v != 0)  # a strength-0 step skips the teacher
+            per += calls * (2 if cfg != 1.0 else 1)
         return self.n * per
 
     def reference(self) -> Any:
@@ -584,25 +595,33 @@ def tune(
                 _write_json(results_path, snapshot())
             return trial
 
+        # The teacher's CFG is explicit in every candidate (its own scale, then 1 below), so the search does not
+        # depend on whatever guidance the preset carries.
+        own = pair.reference_cfg
         plain = evaluate(Setting(0.0), "plain")
         assert plain is not None  # the minimum budget covers it
         for s in strengths:
-            evaluate(Setting(float(s)), "strength")
+            evaluate(Setting(float(s), 1, "next", own), "strength")
 
         def best_guided() -> Trial | None:
             guided = [t for t in trials if not t.setting.plain]
             return min(guided, key=lambda t: t.criterion) if guided else None
 
+        def top(k: int, where: Callable[[Trial], bool] = lambda t: True) -> list[Trial]:
+            return sorted((t for t in trials if not t.setting.plain and where(t)), key=lambda t: t.criterion)[:k]
+
         if steps >= 2:
             for s in strengths:
-                evaluate(Setting(float(s), 2), "guided steps")
-        for t in sorted((t for t in trials if not t.setting.plain), key=lambda t: t.criterion)[:2]:
-            evaluate(Setting(t.setting.strength, t.setting.guided_steps, "same"), "renoise")
-        b = best_guided()
-        own = pair.reference_cfg
-        preset_cfg = pipe.guidance.teacher_cfg
-        if b is not None and preset_cfg is not None and own != preset_cfg:
-            evaluate(Setting(b.setting.strength, b.setting.guided_steps, b.setting.renoise, own), "teacher cfg")
+                evaluate(Setting(float(s), 2, "next", own), "guided steps")
+            # Which step: the second step only, at the two best one-step strengths.
+            for t in top(2, lambda t: t.setting.guided_steps == 1):
+                evaluate(Setting((0.0, t.setting.strength), 2, "next", own), "second step only")
+        for t in top(2):
+            for renoise in ("same", "random"):
+                evaluate(Setting(t.setting.strength, t.setting.guided_steps, renoise, own), "renoise")
+        if own != 1.0:
+            for t in top(2):
+                evaluate(Setting(t.setting.strength, t.setting.guided_steps, t.setting.renoise, 1.0), "teacher cfg")
         b = best_guided()
         # Among the guided settings that beat the plain student by more than `margin` standard errors of the
         # paired difference, the lowest criterion; none: the plain student.
