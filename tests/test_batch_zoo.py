@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import distillpp.batch as batch
+from distillpp.pipelines import get_preset
 from distillpp.cli import main as cli_main
 
 HERE = Path(__file__).resolve().parent
@@ -76,7 +77,8 @@ def test_manifest_lists_every_image_once_with_settings_models_and_checksums(refe
 
     for r in lines:
         assert hashlib.sha256(snap[r["file"]]).hexdigest() == r["sha256"]
-        assert r["settings"]["guidance"]["strength"] == 0.75  # the preset's default
+        # the preset's default (a per-step strength: lcm guides its second step only)
+        assert r["settings"]["guidance"]["strength"] == list(get_preset("zoo-lcm").guidance.strength)
         assert r["models"]["teacher"]["revision"].startswith("sha256:")
     assert len({r["seed"] for r in lines}) == N_IMAGES
     # the same image is not made for different seeds: all PNGs differ
