@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# The zoo teacher with and without its x0 clamp ({meta['date']})", "",
              f"`{command}`; {args.device}; {args.n} samples (DDIM {args.steps} steps, CFG {teacher.default_cfg:g}) "
              "from the same noise; HF ratio 1 = as much pixel-level detail as the real test images.", "",
-             "| variant | sample range | share of x0 estimates outside [-1, 1] | HF ratio | pixel FD |",
+             "| variant | sample range | share of raw x0 estimates (before the clamp) outside [-1, 1] | HF ratio | pixel FD |",
              "|---|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['min']:.2f} .. {r['max']:.2f} | {r['x0_outside_share']:.4f} | "
