@@ -57,8 +57,8 @@ STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 # on seeds 0-2 and selects on 100-101.
 TUNE_SEED = 7919
 # Image-forwards (network evaluations x images). The zoo default (10 classes x 2 images, a 20-step
-# teacher reference with CFG, 12 candidates) needs about 2700 of them.
-DEFAULT_BUDGET = 3000
+# teacher reference with CFG, the whole search: 17 candidates) needs about 3300 of them.
+DEFAULT_BUDGET = 3500
 # Images per prompt by default: 20 zoo images keep a CPU run short; only large effects are significant.
 ZOO_IMAGES_PER_PROMPT = 2
 DEFAULT_REFERENCE_STEPS = 20
