@@ -61,7 +61,7 @@ sys.path.insert(0, str(HERE))
 import fmnist_eval as fe  # noqa: E402  (also puts src/ on the path in a checkout)
 
 from distillpp.metrics import format_mean_std  # noqa: E402
-from distillpp.zoo.harness import TEACHER_OF, Method, initial_noise, sample_forwards  # noqa: E402
+from distillpp.zoo.harness import TEACHER_OF, Method, initial_noise, sample_forwards, teacher_calls  # noqa: E402
 
 STUDENTS = tuple(TEACHER_OF)
 RENOISE = ("same", "next", "random")
@@ -197,18 +197,10 @@ class Study(fe.Bench):
     def _quality_key(self, method: Method, split: str, seed: int, n: int, dtype: str | None = None) -> str:
         return super()._quality_key(method, split, seed, n, dtype) + f"|models={self.fingerprint}"
 
-    def teacher_calls(self, method: Method) -> int:
-        """Guided steps that run the teacher: a step whose strength is 0 does not (``TeacherGuidance`` skips
-        it), so ``(0, λ)`` costs one call."""
-        if not method.guidance:
-            return 0
-        steps = method.resolved_steps(self.models[method.model])
-        g = method.build_guidance(self.models[TEACHER_OF[method.model]])
-        return sum(1 for lam in g.strengths(self.models[method.model].sigmas(steps)) if lam != 0)
-
     def one_call(self, student: str, guidance: dict) -> bool:
         """The paper's cost: one teacher evaluation (one guided step, one draw) on top of the student's steps."""
-        return guidance.get("samples", 1) == 1 and self.teacher_calls(self.method(student, guidance=guidance)) == 1
+        method = self.method(student, guidance=guidance)
+        return guidance.get("samples", 1) == 1 and teacher_calls(method, self.models) == 1
 
     def forwards(self, method: Method) -> tuple[int, str]:
         """Network forwards per image and a cost label (``4 + 1 teacher call x 2``: a CFG teacher's call
@@ -219,7 +211,7 @@ class Study(fe.Bench):
         if not method.guidance:
             return n, f"{steps} steps"
         g = method.build_guidance(self.models[TEACHER_OF[method.model]])
-        calls = self.teacher_calls(method)
+        calls = teacher_calls(method, self.models)
         per_call = g.samples * (2 if float(g.teacher_cfg) != 1.0 else 1)
         return n + calls * per_call, f"{steps} + {calls} teacher call{'s' if calls != 1 else ''} x {per_call}"
 

@@ -22,6 +22,7 @@ __all__ = [
     "initial_noise",
     "generate",
     "sample_forwards",
+    "teacher_calls",
     "image_seed",
 ]
 
@@ -168,16 +169,24 @@ def image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index), 1_000_003]).generate_state(1)[0])
 
 
+def teacher_calls(method: Method, models: ModelCache) -> int:
+    """Guided steps that run the teacher: a step whose strength is 0 does not (the guide skips it), so
+    strengths ``(0, lam)`` cost one call."""
+    if not method.guidance:
+        return 0
+    m = models[method.model]
+    g = method.build_guidance(models[method.teacher])
+    return sum(1 for lam in g.strengths(m.sigmas(method.resolved_steps(m))) if lam != 0.0)
+
+
 def sample_forwards(method: Method, models: ModelCache) -> int:
     """Network evaluations per image (a CFG forward counts twice, K teacher draws K times; a guided step
     whose strength is 0 does not call the teacher)."""
     m = models[method.model]
     n = method.resolved_steps(m) * (2 if method.resolved_cfg(m) != 1.0 else 1)
     if method.guidance:
-        t = models[method.teacher]
-        g = method.build_guidance(t)
-        calls = sum(1 for lam in g.strengths(m.sigmas(method.resolved_steps(m))) if lam != 0.0)
-        n += calls * g.samples * (2 if float(g.teacher_cfg) != 1.0 else 1)
+        g = method.build_guidance(models[method.teacher])
+        n += teacher_calls(method, models) * g.samples * (2 if float(g.teacher_cfg) != 1.0 else 1)
     return n
 
 
