@@ -126,28 +126,27 @@ def sd3():
 # The invariants every family keeps
 
 
+def _guided_and_reference(pipe, teacher):
+    """The family contract's pair: our guided pipeline over ``pipe`` and diffusers' own 4-step call."""
+
+    def reference(prompts, generator, **kw):
+        return pipe(prompts, num_inference_steps=4, guidance_scale=0.0, generator=generator, **kw).images
+
+    return FlowDistillppPipeline(pipe, teacher), reference
+
+
 class TestFluxContract(FamilyContract):
     CALL = dict(SIZE, output_type="latent")
 
     def make(self):
-        pipe = flux_pipe()
-
-        def reference(prompts, generator, **kw):
-            return pipe(prompts, num_inference_steps=4, guidance_scale=0.0, generator=generator, **kw).images
-
-        return FlowDistillppPipeline(pipe, flux_transformer(1, guidance_embeds=True)), reference
+        return _guided_and_reference(flux_pipe(), flux_transformer(1, guidance_embeds=True))
 
 
 class TestSD3Contract(FamilyContract):
     CALL = dict(SIZE, output_type="latent")
 
     def make(self):
-        pipe = sd3_pipe()
-
-        def reference(prompts, generator, **kw):
-            return pipe(prompts, num_inference_steps=4, guidance_scale=0.0, generator=generator, **kw).images
-
-        return FlowDistillppPipeline(pipe, sd3_transformer(1)), reference
+        return _guided_and_reference(sd3_pipe(), sd3_transformer(1))
 
 
 # ---------------------------------------------------------------------------------------------------
