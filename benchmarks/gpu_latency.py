@@ -1301,14 +1301,20 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="results folder (gpu_latency.json / .md)")
+def add_common_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options this script shares with ``pipeline_host_profile.py``: output folder, tiny models, device,
+    timed and warm-up runs, image side."""
+    parser.add_argument("--out", required=True, help=f"results folder ({out})")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke test)")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per measurement (default 20)")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs (calls) per measurement (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up runs per measurement (default 3)")
     parser.add_argument("--size", type=int, default=None, help="image side (default 1024; 64 with --tiny)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(parser, "gpu_latency.json / .md")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="SDXL per-forward batch sizes")
     parser.add_argument("--sample-batches", type=int, nargs="+", default=[1, 4], help="SDXL sampling batch sizes")
     parser.add_argument("--flux-batches", type=int, nargs="+", default=[1, 2], help="FLUX per-forward batch sizes")

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_latency import TEACHER_CFG, build, diffusers_sdxl, time_it, unet_config  # noqa: E402
+from gpu_latency import TEACHER_CFG, add_common_arguments, build, diffusers_sdxl, time_it, unet_config  # noqa: E402
 from sdxl_gpu_latency import make_components  # noqa: E402  (random SDXL-size text encoders, byte tokenizer)
 
 PHASES = ("sigmas", "encode", "initial", "student_denoiser", "teacher_denoiser", "sample", "decode")
@@ -160,12 +160,7 @@ def cprofile(call: Callable[[], Any], runs: int, device: torch.device, top: int 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="results folder")
-    parser.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke test)")
-    parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
-    parser.add_argument("--runs", type=int, default=20, help="calls per measurement (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="warm-up calls (default 3)")
-    parser.add_argument("--size", type=int, default=None, help="image side (default 1024; 64 with --tiny)")
+    add_common_arguments(parser, "pipeline_host_profile.json / .md")
     parser.add_argument("--compile", default="graphs", help="the pipeline's compile= (default graphs)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
