@@ -45,7 +45,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
-from .cli import HelpFormatter, Parser, check_device, int_at_least
+from .cli import HelpFormatter, Parser, check_device, int_at_least, staged_outputs
 
 __all__ = ["tune", "Setting", "Trial", "TuneResult", "PipelinePair", "STRENGTHS", "TUNE_SEED", "DEFAULT_BUDGET",
            "ZOO_IMAGES_PER_PROMPT", "add_arguments", "run", "main"]
@@ -432,9 +432,8 @@ def _check_args(preset: Any, prompts: Sequence[str] | None, images_per_prompt: i
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with staged_outputs(path) as (tmp,):
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 def tune(

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from ..cli import HelpFormatter, Parser, add_seeds_argument, finite_float, int_at_least
+from ..cli import HelpFormatter, Parser, add_seeds_argument, finite_float, int_at_least, staged_outputs
 
 __all__ = ["add_arguments", "add_guidance_arguments", "guidance_overrides", "run", "main", "parse_strength",
            "call_kwargs", "image_generators"]
@@ -170,9 +170,8 @@ def _side_by_side(left: Any, right: Any) -> Any:
 
 
 def _save_atomic(image: Any, path: str) -> None:
-    tmp = path + ".part"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with staged_outputs(path) as (tmp,):
+        image.save(tmp, format="PNG")
 
 
 def _check(args: argparse.Namespace) -> tuple[Any, list[str], list[int], str, dict[str, Any]]:
