@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["COMPILE_MODES", "check_compile", "Accelerator", "GraphedNet", "accelerate_net",
+__all__ = ["COMPILE_MODES", "check_compile", "Accelerator", "GraphedNet", "GraphPool", "accelerate_net",
            "CaptureRecord", "shared_accelerator", "ModuleForward", "accelerate_module", "routed_forwards",
            "host_to_device"]
 
@@ -256,9 +256,62 @@ def cuda_capture(net: Net, args: tuple, kwargs: dict, device: torch.device, pool
                 net(*args, **kwargs)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs = net(*args, **kwargs)
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                outputs = net(*args, **kwargs)
+        except BaseException:
+            _end_generator_capture(device)
+            raise
     return graph.replay, outputs
+
+
+def _end_generator_capture(device: torch.device) -> None:
+    """Take the device's default CUDA generator out of capture mode after a failed capture.
+
+    ``capture_begin`` puts the default generator into capture mode before it claims the memory pool;
+    when the claim fails, nothing takes it out again, and every later random draw outside a capture
+    raises ``Offset increment outside graph capture``. A complete capture of one tiny kernel runs the
+    generator's capture prologue and epilogue once more, which leaves it in its normal state.
+    """
+    try:
+        with torch.cuda.device(device):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                torch.zeros(1, device=device)
+    except Exception:  # noqa: BLE001 - best effort; the original error is what the caller reports
+        logger.debug("distillpp.accel: could not reset the CUDA generator after a failed capture", exc_info=True)
+
+
+class GraphPool:
+    """One CUDA-graph memory pool on one device, kept usable for as long as this object lives.
+
+    PyTorch frees a pool when the last graph captured into it is destroyed, but a pool whose graphs
+    are gone while some of its blocks are still allocated lingers with a use count of zero, and a
+    later capture into the same handle then fails inside the allocator (``use_count > 0 INTERNAL
+    ASSERT FAILED``); that failed ``capture_begin`` also leaves the default CUDA generator in capture
+    mode, so that the next random draw outside a capture, inductor's autotuning among them, raises
+    ``Offset increment outside graph capture``. This happens as soon as one pipeline's graphs are
+    dropped and another pipeline captures into the same process-wide pool. So every pool gets an
+    *anchor*: a one-element graph captured into it on creation and held by this object, which every
+    :class:`GraphedNet` using the pool holds too. The pool's use count then never drops to zero while
+    anyone can still capture into it.
+
+    Args:
+        device: the CUDA device.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.handle = torch.cuda.graph_pool_handle()
+        with torch.cuda.device(self.device):
+            self._anchor = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._anchor, pool=self.handle):
+                self._anchor_out = torch.zeros(1, device=self.device)
+
+
+def _pool_handle(pool: Any) -> Any:
+    """The handle ``torch.cuda.graph`` takes, from a :class:`GraphPool` or a raw handle."""
+    return pool.handle if isinstance(pool, GraphPool) else pool
 
 
 class GraphedNet:
@@ -276,7 +329,8 @@ class GraphedNet:
     Args:
         net: the network callable.
         device: the CUDA device its weights live on.
-        pool: a CUDA graph memory pool handle shared with the other networks of one run.
+        pool: the :class:`GraphPool` (or a raw pool handle) shared with the other networks of one run;
+            held for as long as this wrapper lives.
         name: name used in notices and :attr:`records`.
         warmup: eager calls on a side stream before each capture.
         max_graphs: most signatures captured; later new ones run eagerly (with one warning).
@@ -393,7 +447,8 @@ class GraphedNet:
         inputs = [t.detach().clone() for t in tensors]
         args, kwargs = _build(spec, inputs)
         try:
-            replay, outputs = self._capture_fn(self.net, args, kwargs, self.device, self.pool, self.warmup)
+            replay, outputs = self._capture_fn(self.net, args, kwargs, self.device, _pool_handle(self.pool),
+                                               self.warmup)
         except Exception as e:  # noqa: BLE001 - a network that cannot be captured still runs, eagerly
             self._sync_clock()
             warnings.warn(f"distillpp.accel: could not capture a CUDA graph of {self.name} ({type(e).__name__}: "
@@ -480,10 +535,10 @@ class Accelerator:
         self._wrapped: dict[int, tuple[Any, Any]] = {}
         self._graphed: list[GraphedNet] = []
 
-    def pool(self, device: torch.device) -> Any:
-        """The graph memory pool shared by every capture on ``device``."""
+    def pool(self, device: torch.device) -> GraphPool | None:
+        """The graph memory pool shared by every capture on ``device`` (``None`` off CUDA)."""
         if device not in self._pools:
-            self._pools[device] = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+            self._pools[device] = GraphPool(device) if device.type == "cuda" else None
         return self._pools[device]
 
     def wrap(self, net: Net, name: str | None = None) -> Net:

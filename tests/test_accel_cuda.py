@@ -1,0 +1,123 @@
+"""The GPU fast path on a real CUDA device (skipped without one; CI has none).
+
+Run on a GPU machine with ``python -m pytest tests/test_accel_cuda.py``. These are the checks the CPU
+stand-in in ``test_accel.py`` cannot make: real captures into a shared memory pool, the default CUDA
+generator after a failed capture, inductor under our graphs after other graphs were captured and
+dropped, and fast outputs against eager ones through a pipeline.
+"""
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+from distillpp.accel import Accelerator, GraphPool, GraphedNet, cuda_capture
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def linear_net(seed=0, features=16):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(features, features).cuda().eval()
+
+    def net(sample, timestep):
+        return lin(sample) * timestep.reshape(-1, 1)
+
+    net.model = lin
+    return net
+
+
+def inputs(batch=2, features=16):
+    g = torch.Generator("cuda").manual_seed(1)
+    return torch.randn(batch, features, device="cuda", generator=g), torch.full((batch,), 0.5, device="cuda")
+
+
+def test_a_pool_whose_graphs_were_dropped_takes_new_captures():
+    """One pipeline's graphs dropped while a block of their pool is alive, then another captures into it.
+
+    With a bare pool handle PyTorch's allocator fails that second capture (``use_count > 0``), and the
+    failed ``capture_begin`` leaves the default generator in capture mode. The anchored
+    :class:`GraphPool` keeps the pool's use count above zero.
+    """
+    acc = Accelerator("graphs", "cuda", memoize=False)
+    x, t = inputs()
+    first = acc.wrap(linear_net(0), "first")
+    expected_first = linear_net(0)(x, t)
+    torch.testing.assert_close(first(x, t), expected_first)
+    alive = next(iter(first._graphs.values())).outputs  # a block of the pool outlives its graph
+    del first
+    gc.collect()
+    second_net = linear_net(1)
+    second = acc.wrap(second_net, "second")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture would warn and run eagerly
+        out = second(x, t)
+    assert len(second) == 1 and second.replays == 1 and second.eager_calls == 0
+    torch.testing.assert_close(out, second_net(x, t))
+    assert alive.shape == expected_first.shape
+    torch.randn(8, device="cuda")  # the default generator is not stuck in capture mode
+
+
+def test_the_default_generator_works_after_a_failed_capture():
+    def syncing(sample, timestep):
+        return sample * float(timestep[0])  # a host read: not capturable
+
+    syncing.model = None
+    pool = GraphPool("cuda")
+    x, t = inputs()
+    with pytest.raises(Exception):
+        cuda_capture(syncing, (x, t), {}, torch.device("cuda"), pool.handle, warmup=1)
+    torch.randn(8, device="cuda")  # would raise "Offset increment outside graph capture" if left in capture mode
+    graphed = GraphedNet(syncing, "cuda", pool)
+    with pytest.warns(RuntimeWarning, match="could not capture"):
+        torch.testing.assert_close(graphed(x, t), x * 0.5)
+    assert graphed.eager_calls == 1
+    torch.randn(8, device="cuda")
+
+
+def test_inductor_compiles_under_graphs_after_other_graphs_were_dropped():
+    """The failure of run 6: inductor's first compile after a graphs pipeline had come and gone."""
+    x, t = inputs()
+    graphs = Accelerator("graphs", "cuda", memoize=False)
+    g = graphs.wrap(linear_net(0), "graphs")
+    g(x, t)
+    keep = next(iter(g._graphs.values())).outputs
+    del g
+    gc.collect()
+    ind = Accelerator("inductor", "cuda")
+    net = linear_net(2)
+    fast = ind.wrap(net, "student")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = fast(x, t)
+    assert [r.kind for r in ind.records] == ["inductor"] and fast.eager_calls == 0
+    torch.testing.assert_close(out, net(x, t), rtol=1e-4, atol=1e-5)
+    assert keep is not None
+
+
+def test_tiny_sdxl_pipeline_graphs_equal_eager_across_pipelines(tmp_path):
+    """The real guided pipeline on CUDA: graphs bit-equal to eager, also for a second pipeline whose
+    graphs go into the process-wide pool after the first pipeline's were dropped."""
+    from test_pipelines_sd import SIZE, tiny_pipe, tiny_unet
+    from tiny import clip_tokenizer
+
+    from distillpp.pipelines import DistillppPipeline
+
+    clip_tokenizer().save_pretrained(tmp_path)
+    student = tiny_pipe(str(tmp_path), sdxl=True).to("cuda")
+    teacher = tiny_unet(True, seed=5).to("cuda")
+    kwargs = dict(num_inference_steps=4, strength=0.3, guided_steps=1, teacher_cfg=3.0, height=SIZE, width=SIZE,
+                  output_type="latent")
+    outs = {}
+    for mode in ("none", "graphs", "graphs"):  # graphs again: a new pipeline, the same shared pool
+        pipe = DistillppPipeline(student, teacher, compile=mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for _ in range(2):  # the second call replays
+                images = pipe("a cat", generator=torch.Generator("cuda").manual_seed(0), **kwargs).images
+        outs.setdefault(mode, images)
+        torch.testing.assert_close(images, outs[mode], rtol=0, atol=0)
+        del pipe
+        gc.collect()
+    torch.testing.assert_close(outs["graphs"], outs["none"], rtol=0, atol=0)
