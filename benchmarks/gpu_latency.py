@@ -780,7 +780,7 @@ def pipeline_section(report: Report, args: argparse.Namespace, device: torch.dev
                         calls_of)
     if "pipeline-inductor" in args.sections:
         guarded(report, "sdxl pipeline: compile='inductor'", "_section", lambda: pipeline_inductor(
-            report, args, device, student_pipe, teacher_unet, calls_of, deadline))
+            report, args, device, student_pipe, teacher_unet, calls_of, deadline, side))
     del student_pipe, teacher_unet, components
     free()
 
@@ -976,45 +976,107 @@ def pipeline_targets(sec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def pipeline_inductor(report: Report, args: argparse.Namespace, device: torch.device, student_pipe: Any,
-                      teacher_unet: Any, calls_of: Callable, deadline: float) -> None:
-    """``compile="inductor"`` through the real pipeline: first call (compile) per shape, then latency.
+def diffusers_call(student_pipe: Any, b: int, side: int, device: torch.device) -> Callable[[], Any]:
+    """One call of diffusers' own eager SDXL pipeline: plain 4 steps, prompt encoding included, latents out."""
+    return lambda: student_pipe(PROMPT, num_images_per_prompt=b, guidance_scale=0.0, num_inference_steps=4,
+                                generator=torch.Generator(device).manual_seed(0), height=side, width=side,
+                                output_type="latent")
 
-    Plain 4 (the student at batch 1), then guided 4+1 (the teacher at batch 2), each only while at
-    least ``--inductor-need-s`` seconds of ``--budget-s`` are left; compiled artifacts land in
-    ``TORCHINDUCTOR_CACHE_DIR`` (a second run on the same machine reuses them).
+
+def pipeline_inductor(report: Report, args: argparse.Namespace, device: torch.device, student_pipe: Any,
+                      teacher_unet: Any, calls_of: Callable, deadline: float, side: int) -> None:
+    """``compile="inductor"`` through the real pipeline: first call (compile) per shape, then every path interleaved.
+
+    Plain 4 (the student at batch 1), then guided 4+1 (the teacher at batch 2), each compiled only
+    while at least ``--inductor-need-s`` seconds of ``--budget-s`` are left; compiled artifacts land in
+    ``TORCHINDUCTOR_CACHE_DIR`` (a second process on the same machine reuses them: its first call is
+    the warm-cache cost). Then one interleaved run, round by round: diffusers' eager pipeline, ours with
+    ``compile="graphs"`` and with ``compile="inductor"``, and the floors of both (each pipeline's own
+    graphed student and teacher forwards on the arguments of its calls), with the per-forward rate as
+    a fraction of the card's measured bf16 matmul rate.
     """
     import os as _os
 
     from distillpp.pipelines import DistillppPipeline
 
     section = "sdxl pipeline: compile='inductor'"
-    pipe = DistillppPipeline(student_pipe, teacher_unet, compile="inductor")
     eager = DistillppPipeline(student_pipe, teacher_unet, compile="none")
-    make, make_eager = calls_of(pipe), calls_of(eager)
+    graphs = DistillppPipeline(student_pipe, teacher_unet, compile="graphs")
+    pipe = DistillppPipeline(student_pipe, teacher_unet, compile="inductor")
+    make, make_eager, make_graphs = calls_of(pipe), calls_of(eager), calls_of(graphs)
     report.put(section, "cache", _os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+    compiled: dict[str, Callable[[], Any]] = {}
     for label, steps, guided in (("plain 4", 4, False), ("guided 4+1", 4, True)):
         left = deadline - time.perf_counter()
         if left < args.inductor_need_s:
             report.put(section, f"inductor {label} b1", {"skipped": f"{left:.0f} s left of --budget-s"})
             continue
 
-        def run(steps=steps, guided=guided, label=label):
+        def first(steps=steps, guided=guided, label=label):
             call = make(1, steps, guided)
+            n0 = len(pipe_records(pipe, device))
             t0 = time.perf_counter()
             out = call().images
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            res = time_it(call, args.runs, args.warmup, device)
-            res.pop("times_ms", None)
-            res["first_call_s (compile + capture)"] = round(first, 1)
-            res["vs eager (latents)"] = diff(out, make_eager(1, steps, guided)().images)
-            res["peak_mem_gib"] = peak_memory(call, device)
-            print(f"  inductor {label} b1: {res['median_ms']:.1f} ms, first call {first:.1f} s", flush=True)
+            res = {"first_call_s (compile + capture)": round(time.perf_counter() - t0, 1),
+                   "compiles": [f"{r.name} {r.signature} {r.seconds:.1f} s ({r.kind})" for r in pipe_records(pipe, device)[n0:]],
+                   "vs eager (latents)": diff(out, make_eager(1, steps, guided)().images),
+                   "peak_mem_gib": peak_memory(call, device)}
+            print(f"  inductor {label} b1: first call {res['first_call_s (compile + capture)']} s, "
+                  f"{res['compiles']}, vs eager {res['vs eager (latents)']}", flush=True)
+            compiled[f"inductor {label}"] = call
             return res
 
-        guarded(report, section, f"inductor {label} b1 (with encoding)", run)
+        guarded(report, section, f"first call: inductor {label} b1 (with encoding)", first)
+    if not compiled or time.perf_counter() > deadline - 20:
+        return
+    rounds = {"diffusers eager plain 4": diffusers_call(student_pipe, 1, side, device),
+              "graphs plain 4": make_graphs(1, 4, False), **compiled}
+    if "inductor guided 4+1" in compiled:
+        rounds["graphs guided 4+1"] = make_graphs(1, 4, True)
+    for who, p in (("inductor", pipe), ("graphs", graphs)):
+        guided = "inductor guided 4+1" in compiled  # a guided call runs the student and the teacher
+        for name, (fn, b) in recorded_forwards(p, [calls_of(p)(1, 4, guided)]).items():
+            rounds[f"floor: {who} {name} forward"] = fn
+    flops = guarded(report, section, "student forward FLOPs (b1)", lambda: forward_flops(
+        rounds["floor: graphs student b1 forward"]))
+    peak = report.data.get("measured_bf16_tflops")
+
+    def paired():
+        res = time_paired(rounds, args.runs, args.warmup, device)
+        times = {k: v.pop("times_ms") for k, v in res.items() if isinstance(v, dict) and "times_ms" in v}
+        derived = {}
+        for who in ("inductor", "graphs"):
+            s, t = f"floor: {who} student b1 forward", f"floor: {who} teacher b2 forward"
+            derived[f"diffusers eager plain 4 / {who} plain 4 (speed-up)"] = per_round(
+                times, lambda d, f: d / f, "diffusers eager plain 4", f"{who} plain 4")
+            derived[f"{who} plain 4 / its floor (4 student forwards)"] = per_round(
+                times, lambda p_, s1: p_ / (4 * s1), f"{who} plain 4", s)
+            derived[f"{who} guided 4+1 / its floor (4 student + 1 teacher forward)"] = per_round(
+                times, lambda g, s1, t1: g / (4 * s1 + t1), f"{who} guided 4+1", s, t)
+            if isinstance(flops, int) and s in res:
+                rate = flops / (res[s]["median_ms"] * 1e-3) / 1e12
+                res.setdefault("student b1 forward rate (median)", {})[who] = {
+                    "TFLOP/s": round(rate, 1), "% of measured bf16 matmul rate": round(100 * rate / peak, 1)
+                    if peak else None}
+        derived["inductor floor / graphs floor (student b1 forward)"] = per_round(
+            times, lambda a, b: a / b, "floor: inductor student b1 forward", "floor: graphs student b1 forward")
+        res["per-round ratios"] = {k: v for k, v in derived.items() if v is not None}
+        res["times_ms (every round, in order)"] = {k: [round(x, 2) for x in v] for k, v in times.items()}
+        print("  inductor interleaved b1: " + ", ".join(f"{k} {v['median_ms']:.1f}" for k, v in res.items()
+                                                        if isinstance(v, dict) and "median_ms" in v), flush=True)
+        print(f"  per-round ratios: {res['per-round ratios']}", flush=True)
+        return res
+
+    guarded(report, section, "interleaved b1 (with encoding)", paired)
+
+
+def pipe_records(pipe: Any, device: torch.device) -> list:
+    """Capture/compile records of the process-wide accelerator that a pipeline's networks joined on ``device``."""
+    from distillpp.accel import shared_accelerator
+
+    return [] if pipe.compile == "none" else shared_accelerator(pipe.compile, device).records
 
 
 def lora_equality(unet: Any, make: Callable[[Any, Any], Sampler], device: torch.device) -> dict:
