@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from distillpp.accel import Accelerator, GraphPool, GraphedNet, cuda_capture
+from distillpp.accel import Accelerator, GraphedNet, GraphPool, cuda_capture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -63,17 +63,10 @@ def test_the_default_generator_works_after_a_failed_capture():
     def syncing(sample, timestep):
         return sample * float(timestep[0])  # a host read: not capturable
 
-    syncing.model = None
-    pool = GraphPool("cuda")
     x, t = inputs()
     with pytest.raises(Exception):
-        cuda_capture(syncing, (x, t), {}, torch.device("cuda"), pool.handle, warmup=1)
+        cuda_capture(syncing, (x, t), {}, torch.device("cuda"), GraphPool("cuda"), warmup=1)
     torch.randn(8, device="cuda")  # would raise "Offset increment outside graph capture" if left in capture mode
-    graphed = GraphedNet(syncing, "cuda", pool)
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="could not capture"):
-        torch.testing.assert_close(graphed(x, t), x * 0.5)
-    assert graphed.eager_calls == 1
-    torch.randn(8, device="cuda")
 
 
 def test_inductor_compiles_under_graphs_after_other_graphs_were_dropped():
@@ -120,4 +113,33 @@ def test_tiny_sdxl_pipeline_graphs_equal_eager_across_pipelines(tmp_path):
         torch.testing.assert_close(images, outs[mode], rtol=0, atol=0)
         del pipe
         gc.collect()
+    torch.testing.assert_close(outs["graphs"], outs["none"], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_teacher_on_a_second_gpu_is_graphed_there_and_equals_eager(tmp_path):
+    from test_pipelines_sd import SIZE, tiny_pipe, tiny_unet
+    from tiny import clip_tokenizer
+
+    from distillpp.pipelines import DistillppPipeline
+    from distillpp.pipelines.placement import PlacedNet
+
+    clip_tokenizer().save_pretrained(tmp_path)
+    student = tiny_pipe(str(tmp_path), sdxl=True).to("cuda:0")
+    teacher = tiny_unet(True, seed=5)
+    kwargs = dict(num_inference_steps=4, strength=0.3, guided_steps=1, teacher_cfg=3.0, height=SIZE, width=SIZE,
+                  output_type="latent")
+    outs = {}
+    for mode in ("none", "graphs"):
+        pipe = DistillppPipeline(student, teacher, compile=mode, teacher_device="cuda:1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns
+            for _ in range(2):
+                outs[mode] = pipe("a cat", generator=torch.Generator("cuda:0").manual_seed(0), **kwargs).images
+        if mode == "graphs":
+            placed = pipe._teacher_net
+            assert isinstance(placed, PlacedNet) and isinstance(placed.net, GraphedNet)
+            assert placed.net.device == torch.device("cuda:1") and len(placed.net) == 1
+            assert placed.net.replays == 2 and placed.net.eager_calls == 0
+    assert outs["graphs"].device == torch.device("cuda:0")
     torch.testing.assert_close(outs["graphs"], outs["none"], rtol=0, atol=0)

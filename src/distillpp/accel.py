@@ -245,19 +245,22 @@ def cuda_capture(net: Net, args: tuple, kwargs: dict, device: torch.device, pool
     """Capture ``net(*args, **kwargs)`` into a CUDA graph; returns ``(replay, static outputs)``.
 
     The warm-up runs on a side stream first (cuBLAS/cuDNN handles, lazy init and autotuning must not
-    happen inside the capture), then one call is recorded into ``pool``. Nothing is executed by the
+    happen inside the capture), then one call is recorded into ``pool`` (a :class:`GraphPool`, whose
+    capture stream on ``device`` is used for both, or a bare pool handle). Nothing is executed by the
     capture itself, so the caller replays once to get the first result.
     """
     with torch.cuda.device(device):
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        # An explicit stream on `device`: torch.cuda.graph's own default stream is created once, on
+        # whichever device was current then, and a capture on another GPU through it records nothing.
+        stream = pool.stream if isinstance(pool, GraphPool) else torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
             for _ in range(warmup):
                 net(*args, **kwargs)
-        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=_pool_handle(pool), stream=stream):
                 outputs = net(*args, **kwargs)
         except BaseException:
             _end_generator_capture(device)
@@ -276,7 +279,7 @@ def _end_generator_capture(device: torch.device) -> None:
     try:
         with torch.cuda.device(device):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
                 torch.zeros(1, device=device)
     except Exception:  # noqa: BLE001 - best effort; the original error is what the caller reports
         logger.debug("distillpp.accel: could not reset the CUDA generator after a failed capture", exc_info=True)
@@ -296,6 +299,9 @@ class GraphPool:
     :class:`GraphedNet` using the pool holds too. The pool's use count then never drops to zero while
     anyone can still capture into it.
 
+    Captures into one pool also share one capture stream on its device (:attr:`stream`), as PyTorch
+    advises for memory sharing between the graphs of one pool.
+
     Args:
         device: the CUDA device.
     """
@@ -304,8 +310,9 @@ class GraphPool:
         self.device = torch.device(device)
         self.handle = torch.cuda.graph_pool_handle()
         with torch.cuda.device(self.device):
+            self.stream = torch.cuda.Stream(self.device)
             self._anchor = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._anchor, pool=self.handle):
+            with torch.cuda.graph(self._anchor, pool=self.handle, stream=self.stream):
                 self._anchor_out = torch.zeros(1, device=self.device)
 
 
@@ -447,8 +454,7 @@ class GraphedNet:
         inputs = [t.detach().clone() for t in tensors]
         args, kwargs = _build(spec, inputs)
         try:
-            replay, outputs = self._capture_fn(self.net, args, kwargs, self.device, _pool_handle(self.pool),
-                                               self.warmup)
+            replay, outputs = self._capture_fn(self.net, args, kwargs, self.device, self.pool, self.warmup)
         except Exception as e:  # noqa: BLE001 - a network that cannot be captured still runs, eagerly
             self._sync_clock()
             warnings.warn(f"distillpp.accel: could not capture a CUDA graph of {self.name} ({type(e).__name__}: "
