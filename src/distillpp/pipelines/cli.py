@@ -98,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="keep the teacher in CPU memory, copied to the GPU for its call")
     g.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
                    help="auto = graphs on CUDA (captured CUDA graphs: a few seconds once, then each forward at "
-                        "the GPU's speed), none elsewhere; inductor = torch.compile (minutes on first use)")
+                        "the GPU's speed), none elsewhere; inductor = torch.compile's kernels under the same graphs "
+                        "(about 30%% faster per forward; 1.5-2 min per shape on first use, cached on disk)")
 
     g = parser.add_argument_group("prompts and images")
     g.add_argument("--prompt", action="append", help="prompt (repeat for several); zoo presets: a class name")
