@@ -427,3 +427,11 @@ def test_inductor_cache_defaults_under_home_unless_the_user_chose_one(monkeypatc
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     Accelerator("inductor", "cpu")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback when no CUDA pool can be made")
+def test_a_shared_pool_that_cannot_be_made_warns_and_leaves_each_capture_its_own():
+    acc = Accelerator("graphs", "cpu")
+    with pytest.warns(RuntimeWarning, match="shared CUDA graph pool"):
+        assert acc.pool(torch.device("cuda", 0)) is None
+    assert acc.pool(torch.device("cpu")) is None

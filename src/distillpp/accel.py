@@ -544,7 +544,15 @@ class Accelerator:
     def pool(self, device: torch.device) -> GraphPool | None:
         """The graph memory pool shared by every capture on ``device`` (``None`` off CUDA)."""
         if device not in self._pools:
-            self._pools[device] = GraphPool(device) if device.type == "cuda" else None
+            pool = None
+            if device.type == "cuda":
+                try:
+                    pool = GraphPool(device)
+                except Exception as e:  # noqa: BLE001 - each capture then gets a pool of its own (or runs eagerly)
+                    warnings.warn(f"distillpp.accel: could not set up a shared CUDA graph pool on {device} "
+                                  f"({type(e).__name__}: {str(e)[:200]}); graphs will not share memory",
+                                  RuntimeWarning, stacklevel=3)
+            self._pools[device] = pool
         return self._pools[device]
 
     def wrap(self, net: Net, name: str | None = None) -> Net:
