@@ -143,3 +143,51 @@ def test_a_teacher_on_a_second_gpu_is_graphed_there_and_equals_eager(tmp_path):
             assert placed.net.replays == 2 and placed.net.eager_calls == 0
     assert outs["graphs"].device == torch.device("cuda:0")
     torch.testing.assert_close(outs["graphs"], outs["none"], rtol=0, atol=0)
+
+
+def lora_pipeline_outputs(tmp_path, device, modes):
+    """A tiny SDXL LoRA student guided by its adapter-off self, once per compile mode; (outputs, pipelines)."""
+    from test_pipelines_sd import SIZE, add_tiny_lora, tiny_pipe
+    from tiny import clip_tokenizer
+
+    from distillpp.pipelines import DistillppPipeline
+
+    clip_tokenizer().save_pretrained(tmp_path)
+    student = tiny_pipe(str(tmp_path), sdxl=True)
+    add_tiny_lora(student.unet)
+    student = student.to(device)
+    kwargs = dict(num_inference_steps=4, strength=0.3, guided_steps=1, teacher_cfg=3.0, height=SIZE, width=SIZE,
+                  output_type="latent")
+    outs, pipes = {}, {}
+    for mode in modes:
+        pipes[mode] = DistillppPipeline(student, "adapter-off", compile=mode)
+        for _ in range(2):  # the second call replays
+            outs[mode] = pipes[mode]("a cat", generator=torch.Generator(device).manual_seed(0), **kwargs).images
+    return outs, pipes
+
+
+def test_lora_student_with_its_adapter_off_teacher_under_graphs_and_inductor(tmp_path):
+    """Both networks of a LoRA pair (adapter on, adapter off) captured / compiled as their own graphs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no capture may fall back to eager
+        outs, pipes = lora_pipeline_outputs(tmp_path, "cuda", ("none", "graphs", "inductor"))
+    torch.testing.assert_close(outs["graphs"], outs["none"], rtol=0, atol=0)
+    for mode in ("graphs", "inductor"):
+        student, teacher = pipes[mode]._student_net, pipes[mode]._teacher_net  # teacher: over AdapterOffNet
+        assert isinstance(student, GraphedNet) and student.eager_calls == 0 and len(student) == 1
+        assert isinstance(teacher, GraphedNet) and teacher.eager_calls == 0 and len(teacher) == 1
+    # Inductor's kernels round differently (fp32 here, with cuDNN's TF32 convolutions): relative to the scale.
+    scale = outs["none"].abs().max().item()
+    assert (outs["inductor"] - outs["none"]).abs().max().item() < 2e-3 * scale
+    # Each compiled network kept its adapter state: the adapter-off teacher is the eager teacher, not the student.
+    g = torch.Generator("cuda").manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 16, generator=g, device="cuda"), torch.tensor([500.0, 500.0], device="cuda")
+    cond = {"encoder_hidden_states": torch.randn(2, 77, 64, generator=g, device="cuda"),
+            "added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g, device="cuda"),
+                                  "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2, device="cuda")}}
+    with torch.no_grad():
+        nets = {m: (pipes[m]._student_net(x, t, **cond), pipes[m]._teacher_net(x, t, **cond)) for m in pipes}
+    (s_ref, t_ref), (s_ind, t_ind) = nets["none"], nets["inductor"]
+    gap = (s_ref - t_ref).abs().max().item()  # what the LoRA changes
+    assert gap > 0.1
+    assert (s_ind - s_ref).abs().max().item() < 0.05 * gap and (t_ind - t_ref).abs().max().item() < 0.05 * gap
