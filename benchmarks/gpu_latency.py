@@ -1022,7 +1022,8 @@ def pipeline_inductor(report: Report, args: argparse.Namespace, device: torch.de
             if device.type == "cuda":
                 torch.cuda.synchronize()
             res = {"first_call_s (compile + capture)": round(time.perf_counter() - t0, 1),
-                   "compiles": [f"{r.name} {r.signature} {r.seconds:.1f} s ({r.kind})" for r in pipe_records(pipe, device)[n0:]],
+                   "compiles": [f"{r.name} {r.signature} {r.seconds:.1f} s ({r.kind})"
+                                for r in pipe_records(pipe, device)[n0:]],
                    "vs eager (latents)": diff(out, make_eager(1, steps, guided)().images),
                    "peak_mem_gib": peak_memory(call, device)}
             print(f"  inductor {label} b1: first call {res['first_call_s (compile + capture)']} s, "

@@ -22,8 +22,9 @@ Modes (the ``compile=`` option of the pipelines and ``--compile`` of the CLI):
   shapes), then captured and replayed exactly like ``"graphs"`` (same signatures, pool, LoRA
   handling and copy-out). This is ``mode="reduce-overhead"``'s idea with our own graphs, so both
   modes share one replay mechanism. The first call per shape compiles for minutes on an SDXL-size
-  UNet (93-108 s per shape on an H200, 23 s from the cache); a one-line notice says so. Compiled artifacts are cached across runs by
-  inductor's FX-graph and AOTAutograd caches, in ``TORCHINDUCTOR_CACHE_DIR`` (set here to
+  UNet (93-108 s per shape on an H200, 23 s from the cache); a one-line notice says so. Compiled
+  artifacts are cached across runs by inductor's FX-graph and AOTAutograd caches, in
+  ``TORCHINDUCTOR_CACHE_DIR`` (set here to
   ``~/.cache/distillpp/torchinductor`` when unset, so the cache outlives ``/tmp``). Off CUDA the
   compiled network runs without graphs.
 
