@@ -191,3 +191,58 @@ def test_lora_student_with_its_adapter_off_teacher_under_graphs_and_inductor(tmp
     gap = (s_ref - t_ref).abs().max().item()  # what the LoRA changes
     assert gap > 0.1
     assert (s_ind - s_ref).abs().max().item() < 0.05 * gap and (t_ind - t_ref).abs().max().item() < 0.05 * gap
+
+
+FAMILIES = ("sd15", "sdxl", "flux", "sd3", "pixart")
+
+
+def family_outputs(family, tmp_path, device, modes):
+    """One tiny guided pair of ``family`` on ``device``, called twice per compile mode; (outputs, pipelines)."""
+    if family in ("sd15", "sdxl"):
+        from test_pipelines_sd import SIZE, tiny_pipe, tiny_unet
+        from tiny import clip_tokenizer
+
+        from distillpp.pipelines import DistillppPipeline
+
+        clip_tokenizer().save_pretrained(tmp_path)
+        student = tiny_pipe(str(tmp_path), sdxl=family == "sdxl").to(device)
+        teacher = tiny_unet(family == "sdxl", seed=5).to(device)
+        make, call = (lambda mode: DistillppPipeline(student, teacher, compile=mode)), dict(
+            teacher_cfg=3.0, height=SIZE, width=SIZE)
+    elif family in ("flux", "sd3"):
+        import test_pipelines_flow as flow
+
+        from distillpp.pipelines import FlowDistillppPipeline
+
+        student, teacher = (flow.flux_pipe(), flow.flux_transformer(1, guidance_embeds=True)) if family == "flux" \
+            else (flow.sd3_pipe(), flow.sd3_transformer(1))
+        student, teacher = student.to(device), teacher.to(device)
+        make, call = (lambda mode: FlowDistillppPipeline(student, teacher, compile=mode)), dict(flow.SIZE)
+    else:
+        from diffusers import LCMScheduler
+        from test_pipelines_pixart import BETAS, CALL
+        from tiny import pixart_pipe, pixart_transformer
+
+        from distillpp.pipelines import GuidedPipeline
+        from distillpp.pipelines.pixart import PixArtFamily
+
+        student, teacher = pixart_pipe(LCMScheduler(**BETAS)).to(device), pixart_transformer(1).to(device)
+        make, call = (lambda mode: GuidedPipeline(PixArtFamily(student, teacher), compile=mode)), {
+            k: v for k, v in CALL.items() if k != "output_type"}
+    outs, pipes = {}, {}
+    for mode in modes:
+        pipes[mode] = make(mode)
+        for _ in range(2):  # the second call replays
+            outs[mode] = pipes[mode]("a cat", generator=torch.Generator(device).manual_seed(0), num_inference_steps=4,
+                                     strength=0.3, guided_steps=1, output_type="latent", **call).images
+    return outs, pipes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_replayed_from_graphs_equals_eager(tmp_path, family):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no capture may fall back to eager
+        outs, pipes = family_outputs(family, tmp_path, "cuda", ("none", "graphs"))
+    torch.testing.assert_close(outs["graphs"], outs["none"], rtol=0, atol=0)
+    for net in (pipes["graphs"]._student_net, pipes["graphs"]._teacher_net):
+        assert isinstance(net, GraphedNet) and net.eager_calls == 0 and net.replays >= 2
