@@ -141,6 +141,9 @@ def test_setting_knobs_are_valid_guidance():
     assert Setting(0.0).knobs() == {"strength": 0.0, "guided_steps": 0}
     for s in (Setting(0.0), Setting(0.5, 2, "same", 1.5)):
         TeacherGuidance(**s.knobs())
+    # A per-step strength read back from JSON (a list) becomes the tuple it was written from.
+    second_only = Setting(**json.loads(json.dumps({"strength": (0.0, 0.5), "guided_steps": 2})))
+    assert second_only == Setting((0.0, 0.5), 2) and second_only.strength == (0.0, 0.5)
 
 
 @pytest.fixture(scope="module")

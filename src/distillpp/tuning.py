@@ -85,8 +85,8 @@ class Setting:
     teacher_cfg: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.strength, list):  # from JSON
-            self.strength = tuple(self.strength)
+        if isinstance(self.strength, list):  # from JSON (the dataclass is frozen: set the field directly)
+            object.__setattr__(self, "strength", tuple(self.strength))
 
     @property
     def plain(self) -> bool:
