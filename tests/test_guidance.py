@@ -289,3 +289,12 @@ def test_teacher_schedule_is_handed_to_the_guide_explicitly():
     guide = TeacherGuidance(strength=0.5, renoise="random").bind(teacher, sigmas, torch.Generator().manual_seed(0),
                                                                  teacher_schedule=schedule)
     assert torch.isin(guide.teacher_sigma(0, 64, x.device), schedule.sigmas).all()
+
+
+def test_teacher_calls_skip_strength_zero_steps_and_check_the_grid():
+    sigmas = torch.tensor([14.6, 3.0, 1.0, 0.3, 0.0])
+    assert TeacherGuidance(strength=0.3, guided_steps=2).teacher_calls(sigmas) == 2
+    assert TeacherGuidance(strength=(0.0, 0.5), guided_steps=2).teacher_calls(sigmas) == 1
+    assert TeacherGuidance(strength=0.0, guided_steps=3).teacher_calls(sigmas) == 0
+    with pytest.raises(ValueError, match="guided_steps"):
+        TeacherGuidance(strength=0.3, guided_steps=5).teacher_calls(sigmas)

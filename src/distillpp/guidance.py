@@ -201,6 +201,12 @@ class TeacherGuidance:
             raise ValueError(f"strength has {len(self.strength)} values but guided_steps={k} are guided")
         return list(self.strength[:k])
 
+    def teacher_calls(self, sigmas: torch.Tensor) -> int:
+        """Guided steps on this grid that run the teacher: a step whose strength is 0 skips it (the guide
+        returns the student's estimate), so strengths ``(0, lam)`` cost one call. Validates like
+        :meth:`strengths`."""
+        return sum(1 for lam in self.strengths(sigmas) if lam != 0)
+
     def bind(
         self,
         teacher: Callable[..., torch.Tensor],

@@ -291,8 +291,9 @@ class PipelinePair:
         if not setting.plain:
             cfg = setting.teacher_cfg if setting.teacher_cfg is not None else self.pipe.guidance.teacher_cfg
             cfg = self.reference_cfg if cfg is None else cfg
-            lams = setting.strength if isinstance(setting.strength, tuple) else (setting.strength,) * setting.guided_steps
-            calls = sum(1 for v in lams[: setting.guided_steps] if v != 0)  # a strength-0 step skips the teacher
+            from .guidance import TeacherGuidance
+
+            calls = TeacherGuidance(**setting.knobs()).teacher_calls(self.pipe.sigmas())
             per += calls * (2 if cfg != 1.0 else 1)
         return self.n * per
 

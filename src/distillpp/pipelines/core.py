@@ -630,8 +630,7 @@ class GuidedPipeline:
                              noise_mix=noise_mix)
         fam = self.family
         sigmas = fam.sigmas(call)
-        lams = g.strengths(sigmas)
-        uses_teacher = any(lam != 0 for lam in lams)
+        uses_teacher = g.teacher_calls(sigmas) > 0
         if not self.has_teacher:
             asked = guidance is not None or strength is not None or guided_steps is not None
             if asked and (callable(g.strength) or any(v != 0 for v in np.atleast_1d(g.strength))):

@@ -176,7 +176,7 @@ def teacher_calls(method: Method, models: ModelCache) -> int:
         return 0
     m = models[method.model]
     g = method.build_guidance(models[method.teacher])
-    return sum(1 for lam in g.strengths(m.sigmas(method.resolved_steps(m))) if lam != 0.0)
+    return g.teacher_calls(m.sigmas(method.resolved_steps(m)))
 
 
 def sample_forwards(method: Method, models: ModelCache) -> int:
