@@ -828,7 +828,7 @@ def _progress(total: int, done: int, desc: str, position: int = 0) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``batch``; returns the exit code (bad arguments and refused folders raise ``ValueError``)."""
-    from .pipelines.cli import guidance_overrides
+    from .pipelines.cli import check_guided_steps, guidance_overrides
 
     _check_counts(args)
     preset, overrides = _read_overrides(args.overrides, args.preset)
@@ -838,10 +838,7 @@ def run(args: argparse.Namespace) -> int:
     view = describe_preset(preset, overrides)
     guidance = resolve_guidance(view, guidance_overrides(args))
     description = _run_description(view, args, rows, guidance, overrides)
-    steps = description["settings"]["num_inference_steps"]
-    if guidance is not None and guidance.guided_steps > steps:
-        raise ValueError(f"--guided-steps must be in [0, {steps}] (guided_steps cannot exceed the {steps} "
-                         f"sampling steps), got {guidance.guided_steps}")
+    check_guided_steps(guidance, description["settings"]["num_inference_steps"])
     run_args = (preset, overrides, guidance, description, items)
     return _run_ray(args, *run_args) if args.engine == "ray" else _run_local(args, *run_args)
 

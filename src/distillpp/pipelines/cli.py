@@ -80,6 +80,17 @@ def guidance_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def check_guided_steps(guidance: Any, steps: int) -> None:
+    """Refuse ``--guided-steps`` beyond the run's ``steps`` sampling steps (before any model loads).
+
+    Raises:
+        ValueError: naming ``--guided-steps``.
+    """
+    if guidance is not None and guidance.guided_steps > steps:
+        raise ValueError(f"--guided-steps must be in [0, {steps}] (guided_steps cannot exceed the {steps} "
+                         f"sampling steps), got {guidance.guided_steps}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``generate`` options to ``parser``."""
     g = parser.add_argument_group("model")
@@ -196,10 +207,7 @@ def _check(args: argparse.Namespace) -> tuple[Any, list[str], list[int], str, di
 
     knobs = {k: kw[k] for k in guidance_overrides(args)}
     g = resolve_guidance(preset.guidance, **knobs)
-    steps = kw.get("num_inference_steps") or preset.num_inference_steps
-    if g.guided_steps > steps:
-        raise ValueError(f"--guided-steps must be in [0, {steps}] (guided_steps cannot exceed the {steps} "
-                         f"sampling steps), got {g.guided_steps}")
+    check_guided_steps(g, kw.get("num_inference_steps") or preset.num_inference_steps)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
