@@ -675,6 +675,16 @@ class _ChunkWriter:
         self.pool.shutdown(wait=True)
         self.folder.close()
 
+    def __enter__(self) -> "_ChunkWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """On an error, first journal what was made before it (best effort); always :meth:`close`."""
+        if exc_type is not None:
+            with contextlib.suppress(Exception):
+                self.drain()
+        self.close()
+
 
 def _record(item: Item, png: bytes, run: dict) -> dict:
     return {
@@ -904,34 +914,29 @@ def _run_local(args: argparse.Namespace, preset: str, overrides: dict | None, gu
         pipe = load_pipeline(preset, device, overrides) if todo else None
         timing["loaded"] = time.time()
         bar = _progress(total, total - missing, desc, dist.rank)
-        writer = _ChunkWriter(folder, done, description)
         steady = None
         # Where this process's time goes: pipeline calls (noise, networks, PIL images) and waiting for
         # the writer pool (encoding, writes, syncfs and journal beyond what overlaps the next call).
         timing["generate_seconds"] = timing["write_wait_seconds"] = 0.0
         try:
-            for chunk in todo:
+            with _ChunkWriter(folder, done, description) as writer:
+                for chunk in todo:
+                    t = time.perf_counter()
+                    images = generate_images(pipe, chunk, guidance, steps)
+                    timing["generate_seconds"] += time.perf_counter() - t
+                    if steady is None:
+                        # Steady state starts once the first chunk is out: CUDA context, kernel selection and
+                        # caches are warm from here on (the first chunk's writes still fall inside the window).
+                        timing["steady_start"], steady = time.time(), 0
+                    else:
+                        steady += sum(1 for it in chunk if it.key not in done)
+                    t = time.perf_counter()
+                    bar.update(writer.submit(zip(chunk, images)))
+                    timing["write_wait_seconds"] += time.perf_counter() - t
                 t = time.perf_counter()
-                images = generate_images(pipe, chunk, guidance, steps)
-                timing["generate_seconds"] += time.perf_counter() - t
-                if steady is None:
-                    # Steady state starts once the first chunk is out: CUDA context, kernel selection and
-                    # caches are warm from here on (the first chunk's writes still fall inside the window).
-                    timing["steady_start"], steady = time.time(), 0
-                else:
-                    steady += sum(1 for it in chunk if it.key not in done)
-                t = time.perf_counter()
-                bar.update(writer.submit(zip(chunk, images)))
+                bar.update(writer.drain())
                 timing["write_wait_seconds"] += time.perf_counter() - t
-            t = time.perf_counter()
-            bar.update(writer.drain())
-            timing["write_wait_seconds"] += time.perf_counter() - t
-        except BaseException:
-            with contextlib.suppress(Exception):
-                writer.drain()  # keep the images made before the error
-            raise
         finally:
-            writer.close()
             bar.close()
         timing["end"], timing["steady_images"] = time.time(), steady or 0
         timings = dist.gather(timing)
@@ -999,28 +1004,24 @@ def _run_ray(args: argparse.Namespace, preset: str, overrides: dict | None, guid
         replicas = args.replicas or max(1, int(gpus // per_replica) if per_replica else 1)
     t0 = time.perf_counter()
     bar = _progress(len(items), len(items) - missing, f"ray x{replicas}")
-    writer = _ChunkWriter(folder, done, description)
     try:
-        if todo:
-            ds = ray.data.from_items([{"chunk": json.dumps([dataclasses.asdict(it) for it in c])} for c in todo])
-            out = ds.map_batches(
-                # A fixed pool of ``replicas`` actors. ``compute=`` works from Ray 2.9 on; ``concurrency=``
-                # (2.9-2.50) is deprecated since 2.51.
-                _RayGenerator, batch_size=1, num_gpus=per_replica,
-                compute=ray.data.ActorPoolStrategy(size=replicas),
-                fn_constructor_kwargs={"preset": preset, "overrides": overrides, "guidance": _guidance_dict(guidance),
-                                       "steps": description["settings"]["num_inference_steps"]},
-            )
-            for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-                made = ((Item(**json.loads(raw)), bytes(png)) for raw, png in zip(batch["item"], batch["png"]))
-                bar.update(writer.submit(made))
-            bar.update(writer.drain())
-    except BaseException:
-        with contextlib.suppress(Exception):
-            writer.drain()  # keep the images made before the error
-        raise
+        with _ChunkWriter(folder, done, description) as writer:
+            if todo:
+                ds = ray.data.from_items([{"chunk": json.dumps([dataclasses.asdict(it) for it in c])} for c in todo])
+                out = ds.map_batches(
+                    # A fixed pool of ``replicas`` actors. ``compute=`` works from Ray 2.9 on; ``concurrency=``
+                    # (2.9-2.50) is deprecated since 2.51.
+                    _RayGenerator, batch_size=1, num_gpus=per_replica,
+                    compute=ray.data.ActorPoolStrategy(size=replicas),
+                    fn_constructor_kwargs={"preset": preset, "overrides": overrides,
+                                           "guidance": _guidance_dict(guidance),
+                                           "steps": description["settings"]["num_inference_steps"]},
+                )
+                for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+                    made = ((Item(**json.loads(raw)), bytes(png)) for raw, png in zip(batch["item"], batch["png"]))
+                    bar.update(writer.submit(made))
+                bar.update(writer.drain())
     finally:
-        writer.close()
         bar.close()
     manifest = folder.merge(items)
     print(_summary(missing, len(items) - missing, time.perf_counter() - t0, replicas, folder, manifest))
