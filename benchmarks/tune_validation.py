@@ -26,11 +26,9 @@ fmnist_eval's JSONL of the runs under ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -81,14 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zoo models folder (default: the shipped weights; give the study's if it used retrained ones)")
     p.add_argument("--out", default="distillpp-out/tune_validation", help="results folder")
     return p
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _command_line() -> str:
-    return " ".join(["python3", "benchmarks/tune_validation.py"] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
 def normalize(knobs: dict | None, default_cfg: float | None) -> dict | None:
@@ -270,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = fmnist_eval.Bench(fmnist_eval.build_parser().parse_args(bench_argv))
 
     report: dict[str, Any] = {"title": "Data-free tuner vs the data-based study (Fashion-MNIST zoo)",
-                              "written": _now(), "command": _command_line(), "card": bench.card, "dtype": dtype_name,
+                              "written": fmnist_eval._now(),
+                              "command": fmnist_eval._command_line("benchmarks/tune_validation.py"),
+                              "card": bench.card, "dtype": dtype_name,
                               "study": str(args.study), "study_written": protocol.get("written"),
                               "study_cards": protocol.get("cards"), "seeds": seeds, "n": n,
                               "models_dir": args.models_dir or "shipped", "tuner": {"images_per_prompt": args.images_per_prompt, "reference_steps":

@@ -28,7 +28,7 @@ import torch
 import distillpp
 from distillpp import zoo
 from distillpp.metrics.pixels import PixelReference, pixel_metrics
-from distillpp.zoo.harness import load_test_set
+from distillpp.zoo.harness import initial_noise, load_test_set
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = PixelReference.from_images(real, crop=28)
     teacher = zoo.load("teacher", device=args.device)
     labels = torch.arange(args.n) % 10
-    noise = torch.randn(args.n, 1, 32, 32, generator=torch.Generator().manual_seed(args.seed))
+    noise = initial_noise(args.seed, args.n)
     sigmas = teacher.sigmas(args.steps)
     rows = []
     for name, clip in (("clamp off (before the fix)", None), ("clamp on (shipped)", teacher.clip)):
