@@ -241,19 +241,20 @@ class _Graph:
     spec: Any
 
 
-def cuda_capture(net: Net, args: tuple, kwargs: dict, device: torch.device, pool: Any, warmup: int) -> tuple[
+def cuda_capture(net: Net, args: tuple, kwargs: dict, device: torch.device, pool: "GraphPool | None",
+                 warmup: int) -> tuple[
         Callable[[], None], Any]:
     """Capture ``net(*args, **kwargs)`` into a CUDA graph; returns ``(replay, static outputs)``.
 
     The warm-up runs on a side stream first (cuBLAS/cuDNN handles, lazy init and autotuning must not
     happen inside the capture), then one call is recorded into ``pool`` (a :class:`GraphPool`, whose
-    capture stream on ``device`` is used for both, or a bare pool handle). Nothing is executed by the
+    capture stream on ``device`` is used for both; ``None``: a pool and stream of its own). Nothing is executed by the
     capture itself, so the caller replays once to get the first result.
     """
     with torch.cuda.device(device):
         # An explicit stream on `device`: torch.cuda.graph's own default stream is created once, on
         # whichever device was current then, and a capture on another GPU through it records nothing.
-        stream = pool.stream if isinstance(pool, GraphPool) else torch.cuda.Stream(device)
+        stream = pool.stream if pool is not None else torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(warmup):
@@ -261,7 +262,7 @@ def cuda_capture(net: Net, args: tuple, kwargs: dict, device: torch.device, pool
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=_pool_handle(pool), stream=stream):
+            with torch.cuda.graph(graph, pool=pool.handle if pool is not None else None, stream=stream):
                 outputs = net(*args, **kwargs)
         except BaseException:
             _end_generator_capture(device)
@@ -317,11 +318,6 @@ class GraphPool:
                 self._anchor_out = torch.zeros(1, device=self.device)
 
 
-def _pool_handle(pool: Any) -> Any:
-    """The handle ``torch.cuda.graph`` takes, from a :class:`GraphPool` or a raw handle."""
-    return pool.handle if isinstance(pool, GraphPool) else pool
-
-
 class GraphedNet:
     """``net(*args, **kwargs)`` replayed from CUDA graphs, one per input signature.
 
@@ -337,8 +333,8 @@ class GraphedNet:
     Args:
         net: the network callable.
         device: the CUDA device its weights live on.
-        pool: the :class:`GraphPool` (or a raw pool handle) shared with the other networks of one run;
-            held for as long as this wrapper lives.
+        pool: the :class:`GraphPool` shared with the other networks of one run, held for as long as
+            this wrapper lives (``None``: each capture gets a pool of its own).
         name: name used in notices and :attr:`records`.
         warmup: eager calls on a side stream before each capture.
         max_graphs: most signatures captured; later new ones run eagerly (with one warning).
