@@ -203,17 +203,16 @@ class Study(fe.Bench):
         return guidance.get("samples", 1) == 1 and teacher_calls(method, self.models) == 1
 
     def forwards(self, method: Method) -> tuple[int, str]:
-        """Network forwards per image and a cost label (``4 + 1 teacher call x 2``: a CFG teacher's call
-        is two forwards, K draws K times that)."""
-        plain = Method(method.model, method.steps, method.cfg)
-        n = sample_forwards(plain, self.models)
-        steps = plain.resolved_steps(self.models[method.model])
+        """Network forwards per image (:func:`~distillpp.zoo.harness.sample_forwards`) and a cost label
+        (``4 + 1 teacher call x 2``: a CFG teacher's call is two forwards, K draws K times that)."""
+        n = sample_forwards(method, self.models)
+        steps = method.resolved_steps(self.models[method.model])
         if not method.guidance:
             return n, f"{steps} steps"
-        g = method.build_guidance(self.models[TEACHER_OF[method.model]])
         calls = teacher_calls(method, self.models)
+        g = method.build_guidance(self.models[method.teacher])
         per_call = g.samples * (2 if float(g.teacher_cfg) != 1.0 else 1)
-        return n + calls * per_call, f"{steps} + {calls} teacher call{'s' if calls != 1 else ''} x {per_call}"
+        return n, f"{steps} + {calls} teacher call{'s' if calls != 1 else ''} x {per_call}"
 
     def _a_fid(self, method: Method) -> float:
         fid, n = self._mean_over(method, "A")
@@ -359,8 +358,8 @@ class Study(fe.Bench):
     # ---- report -------------------------------------------------------------------------------
 
     def _study_row(self, method: Method, split: str, baseline: Method | None = None) -> dict:
-        row = self._row(method, split, baseline)
-        row["nfe"], row["cost"] = self.forwards(method)
+        row = self._row(method, split, baseline)  # its "nfe" is sample_forwards(method)
+        row["cost"] = self.forwards(method)[1]
         return row
 
     def study_report(self) -> dict:
