@@ -13,8 +13,15 @@ import pytest
 import torch
 
 from distillpp.accel import Accelerator, GraphedNet, GraphPool, cuda_capture
+from distillpp.pipelines import DistillppPipeline
+from test_accel import _tiny_sdxl_pair
+from test_pipelines_sd import SIZE, add_tiny_lora
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# One call of the tiny SDXL pairs: 4 steps, the first guided by the teacher with CFG (one batch-2 forward).
+SDXL_CALL = dict(num_inference_steps=4, strength=0.3, guided_steps=1, teacher_cfg=3.0, height=SIZE, width=SIZE,
+                 output_type="latent")
 
 
 def linear_net(seed=0, features=16):
@@ -92,23 +99,14 @@ def test_inductor_compiles_under_graphs_after_other_graphs_were_dropped():
 def test_tiny_sdxl_pipeline_graphs_equal_eager_across_pipelines(tmp_path):
     """The real guided pipeline on CUDA: graphs bit-equal to eager, also for a second pipeline whose
     graphs go into the process-wide pool after the first pipeline's were dropped."""
-    from test_pipelines_sd import SIZE, tiny_pipe, tiny_unet
-    from tiny import clip_tokenizer
-
-    from distillpp.pipelines import DistillppPipeline
-
-    clip_tokenizer().save_pretrained(tmp_path)
-    student = tiny_pipe(str(tmp_path), sdxl=True).to("cuda")
-    teacher = tiny_unet(True, seed=5).to("cuda")
-    kwargs = dict(num_inference_steps=4, strength=0.3, guided_steps=1, teacher_cfg=3.0, height=SIZE, width=SIZE,
-                  output_type="latent")
+    student, teacher = (m.to("cuda") for m in _tiny_sdxl_pair(tmp_path))
     outs = {}
     for mode in ("none", "graphs", "graphs"):  # graphs again: a new pipeline, the same shared pool
         pipe = DistillppPipeline(student, teacher, compile=mode)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             for _ in range(2):  # the second call replays
-                images = pipe("a cat", generator=torch.Generator("cuda").manual_seed(0), **kwargs).images
+                images = pipe("a cat", generator=torch.Generator("cuda").manual_seed(0), **SDXL_CALL).images
         outs.setdefault(mode, images)
         torch.testing.assert_close(images, outs[mode], rtol=0, atol=0)
         del pipe
@@ -118,24 +116,17 @@ def test_tiny_sdxl_pipeline_graphs_equal_eager_across_pipelines(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_a_teacher_on_a_second_gpu_is_graphed_there_and_equals_eager(tmp_path):
-    from test_pipelines_sd import SIZE, tiny_pipe, tiny_unet
-    from tiny import clip_tokenizer
-
-    from distillpp.pipelines import DistillppPipeline
     from distillpp.pipelines.placement import PlacedNet
 
-    clip_tokenizer().save_pretrained(tmp_path)
-    student = tiny_pipe(str(tmp_path), sdxl=True).to("cuda:0")
-    teacher = tiny_unet(True, seed=5)
-    kwargs = dict(num_inference_steps=4, strength=0.3, guided_steps=1, teacher_cfg=3.0, height=SIZE, width=SIZE,
-                  output_type="latent")
+    student, teacher = _tiny_sdxl_pair(tmp_path)  # the pipeline moves the teacher to cuda:1
+    student = student.to("cuda:0")
     outs = {}
     for mode in ("none", "graphs"):
         pipe = DistillppPipeline(student, teacher, compile=mode, teacher_device="cuda:1")
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns
             for _ in range(2):
-                outs[mode] = pipe("a cat", generator=torch.Generator("cuda:0").manual_seed(0), **kwargs).images
+                outs[mode] = pipe("a cat", generator=torch.Generator("cuda:0").manual_seed(0), **SDXL_CALL).images
         if mode == "graphs":
             placed = pipe._teacher_net
             assert isinstance(placed, PlacedNet) and isinstance(placed.net, GraphedNet)
@@ -147,22 +138,14 @@ def test_a_teacher_on_a_second_gpu_is_graphed_there_and_equals_eager(tmp_path):
 
 def lora_pipeline_outputs(tmp_path, device, modes):
     """A tiny SDXL LoRA student guided by its adapter-off self, once per compile mode; (outputs, pipelines)."""
-    from test_pipelines_sd import SIZE, add_tiny_lora, tiny_pipe
-    from tiny import clip_tokenizer
-
-    from distillpp.pipelines import DistillppPipeline
-
-    clip_tokenizer().save_pretrained(tmp_path)
-    student = tiny_pipe(str(tmp_path), sdxl=True)
+    student = _tiny_sdxl_pair(tmp_path)[0]
     add_tiny_lora(student.unet)
     student = student.to(device)
-    kwargs = dict(num_inference_steps=4, strength=0.3, guided_steps=1, teacher_cfg=3.0, height=SIZE, width=SIZE,
-                  output_type="latent")
     outs, pipes = {}, {}
     for mode in modes:
         pipes[mode] = DistillppPipeline(student, "adapter-off", compile=mode)
         for _ in range(2):  # the second call replays
-            outs[mode] = pipes[mode]("a cat", generator=torch.Generator(device).manual_seed(0), **kwargs).images
+            outs[mode] = pipes[mode]("a cat", generator=torch.Generator(device).manual_seed(0), **SDXL_CALL).images
     return outs, pipes
 
 
@@ -199,10 +182,8 @@ FAMILIES = ("sd15", "sdxl", "flux", "sd3", "pixart")
 def family_outputs(family, tmp_path, device, modes):
     """One tiny guided pair of ``family`` on ``device``, called twice per compile mode; (outputs, pipelines)."""
     if family in ("sd15", "sdxl"):
-        from test_pipelines_sd import SIZE, tiny_pipe, tiny_unet
+        from test_pipelines_sd import tiny_pipe, tiny_unet
         from tiny import clip_tokenizer
-
-        from distillpp.pipelines import DistillppPipeline
 
         clip_tokenizer().save_pretrained(tmp_path)
         student = tiny_pipe(str(tmp_path), sdxl=family == "sdxl").to(device)
