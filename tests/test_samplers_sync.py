@@ -130,15 +130,18 @@ def device_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
-@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("guided", [False, True, "random"])
 def test_a_device_run_reads_back_only_its_finiteness_flags(device_reads, sampler, guided):
     # The host grid is read as floats; of the device's tensors, only the flags are read, once per
     # denoiser after the loop (the grid was copied to the device and read back three times before).
+    # "random": a discrete teacher's timesteps are drawn from its table, copied to the device up front.
     sigmas = torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0])
     x = torch.empty(2, 3, 4, device="meta")
     den = lambda x, sigma, **kw: 0.5 * x  # noqa: E731
     kwargs = dict(teacher=den, guidance=TeacherGuidance(strength=0.3, guided_steps=2, noise="hybrid")) if guided \
         else {}
+    if guided == "random":
+        kwargs.update(guidance=TeacherGuidance(strength=0.3, guided_steps=2, renoise="random"), teacher_schedule=SCHED)
     out = distillpp.sample(den, x, sigmas, sampler=sampler, **kwargs)
     assert out.device.type == "meta"
     assert device_reads == ["tolist"] * (2 if guided else 1)

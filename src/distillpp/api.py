@@ -237,16 +237,14 @@ def sample(
     student = _ShapeCheckedStudent(student)
     # The grid stays on the host: the sampler and the guide read it as floats once per run, and
     # reading back a device copy would synchronise with the GPU (models get each step's sigma as a
-    # device tensor filled from a float). A guide that draws teacher timesteps (renoise="random")
-    # is bound to a device grid so that it copies its timestep table to the GPU before the loop
-    # rather than at the first guided step.
+    # device tensor filled from a float). The guide is told the sample's device, so that a guide that
+    # draws teacher timesteps (renoise="random") copies its timestep table there before the loop.
     grid = sigmas.cpu()
     guide = None
     if teacher is not None and guidance is not None:
         schedule_t = _declared_schedule(teacher) if teacher_schedule is None else teacher_schedule
-        table = guidance.renoise == "random" and hasattr(schedule_t, "sigma_to_t")
-        guide = guidance.bind(teacher, grid.to(x.device) if table else grid, generator,
-                              extra_args if teacher_args is None else teacher_args, schedule_t)
+        guide = guidance.bind(teacher, grid, generator, extra_args if teacher_args is None else teacher_args,
+                              schedule_t, device=x.device)
     out = SAMPLERS[sampler](
         student, x, grid, extra_args=extra_args, callback=callback, disable=disable,
         generator=generator, guide=guide, **sampler_kwargs,

@@ -214,18 +214,21 @@ class TeacherGuidance:
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         teacher_args: dict[str, Any] | None = None,
         teacher_schedule: Any = None,
+        device: torch.device | str | None = None,
     ) -> "_Guide":
         """The per-run guide a sampler calls at each step (validated and prepared, nothing run yet).
 
         Args:
             teacher: teacher denoiser ``D(x, sigma, **teacher_args) -> x0``.
-            sigmas: the run's grid, on the sample's device.
+            sigmas: the run's grid (read once, here; a host grid costs no device read).
             generator: one generator, one per image (see :func:`distillpp.samplers.random_tensor`) or ``None``.
             teacher_args: the teacher's conditioning.
             teacher_schedule: the teacher's :class:`~distillpp.DiscreteVPSchedule`; ``renoise="random"``
                 then draws among its integer timesteps. ``None``: uniform in flow time.
+            device: the sample's device, where the teacher's timestep table is copied before the
+                loop (default: ``sigmas``'s).
         """
-        return _Guide(self, teacher, sigmas, generator, teacher_args or {}, teacher_schedule)
+        return _Guide(self, teacher, sigmas, generator, teacher_args or {}, teacher_schedule, device)
 
 
 class _Guide:
@@ -238,10 +241,12 @@ class _Guide:
     """
 
     def __init__(self, cfg: TeacherGuidance, teacher: Callable[..., torch.Tensor], sigmas: torch.Tensor,
-                 generator: Any, teacher_args: dict[str, Any], teacher_schedule: Any = None):
+                 generator: Any, teacher_args: dict[str, Any], teacher_schedule: Any = None,
+                 device: torch.device | str | None = None):
         self.cfg, self.teacher, self.generator, self.teacher_args = cfg, teacher, generator, teacher_args
         self.grid = sigmas.tolist()
-        self.dtype, self.device = sigmas.dtype, sigmas.device
+        self.dtype = sigmas.dtype
+        self.device = torch.device(device) if device is not None else sigmas.device
         self.lams = cfg.strengths(torch.tensor(self.grid, dtype=torch.float64))
         self.min_positive = min(s for s in self.grid if s > 0)
         self.schedule = teacher_schedule if hasattr(teacher_schedule, "sigma_to_t") else None
