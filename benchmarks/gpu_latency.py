@@ -156,13 +156,14 @@ def time_it(fn: Callable[[], Any], runs: int, warmup: int, device: torch.device)
     return summary([_once(fn, device) for _ in range(runs)])
 
 
-def time_paired(calls: dict[str, Callable[[], Any]], runs: int, warmup: int, device: torch.device) -> dict[str, Any]:
+def time_paired(calls: dict[str, Callable[[], Any]], runs: int, warmup: int,
+                device: torch.device) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """Interleaved timing (a, b, c, a, b, c, ...): a drift of the host's speed hits every call alike.
 
     Eager PyTorch is bound by the CPU's kernel launches, so its latency wanders with the host's
     load and clocks; timed one after the other, two eager paths can differ by more than they do.
-    Returns each call's summary (with its raw ``times_ms``, in round order) and, for each call after
-    the first, the median of its per-round ratio to the first.
+    Returns each call's summary and, for each call after the first, the median of its per-round ratio
+    to the first; then each call's raw times in ms, in round order.
     """
     for _ in range(warmup):
         for fn in calls.values():
@@ -171,11 +172,11 @@ def time_paired(calls: dict[str, Callable[[], Any]], runs: int, warmup: int, dev
     for _ in range(runs):
         for k, fn in calls.items():
             times[k].append(_once(fn, device))
-    out: dict[str, Any] = {k: {**summary(v), "times_ms": v} for k, v in times.items()}
+    out: dict[str, Any] = {k: summary(v) for k, v in times.items()}
     first = next(iter(calls))
     out["ratio_to_first (median of per-round ratios)"] = {
         k: round(statistics.median(a / b for a, b in zip(times[k], times[first])), 4) for k in calls if k != first}
-    return out
+    return out, times
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -621,10 +622,7 @@ def sdxl_paired(report: Report, args: argparse.Namespace, device: torch.device, 
         "fast plain 4": lambda: fast(4, False),
         "fast guided 4+1": lambda: fast(4, True),
     }
-    res = time_paired(calls, args.runs, args.warmup, device)
-    for v in res.values():
-        if isinstance(v, dict):
-            v.pop("times_ms", None)
+    res, _ = time_paired(calls, args.runs, args.warmup, device)
     print("  interleaved b1: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in res.items() if "median_ms" in v)
           + f"; ratios {res['ratio_to_first (median of per-round ratios)']}", flush=True)
     return res
@@ -887,8 +885,7 @@ def pipeline_rounds(report: Report, args: argparse.Namespace, device: torch.devi
             continue
 
         def paired(calls=calls, b=b):
-            res = time_paired(calls, args.runs, args.warmup, device)
-            times = {k: v.pop("times_ms") for k, v in res.items() if isinstance(v, dict) and "times_ms" in v}
+            res, times = time_paired(calls, args.runs, args.warmup, device)
             s, t = f"floor: student b{b} forward", f"floor: teacher b{2 * b} forward"
             derived = {
                 "fast guided 4+1 / floor (4 student + 1 teacher forward)": per_round(
@@ -926,11 +923,8 @@ def pipeline_rounds(report: Report, args: argparse.Namespace, device: torch.devi
         graphed = Accelerator("graphs", device).wrap(decode, "vae decode") if device.type == "cuda" else decode
         with torch.no_grad():
             out_e, out_g = decode(z), graphed(z)
-            res = time_paired({"vae decode b1 eager": lambda: decode(z), "vae decode b1 graphed": lambda: graphed(z)},
-                              args.runs, args.warmup, device)
-        for v in res.values():
-            if isinstance(v, dict):
-                v.pop("times_ms", None)
+            res, _ = time_paired({"vae decode b1 eager": lambda: decode(z),
+                                  "vae decode b1 graphed": lambda: graphed(z)}, args.runs, args.warmup, device)
         res["graphed vs eager"] = diff(out_g, out_e)
         return res
 
@@ -1042,8 +1036,7 @@ def pipeline_inductor(report: Report, args: argparse.Namespace, device: torch.de
     peak = report.data.get("measured_bf16_tflops")
 
     def paired():
-        res = time_paired(rounds, args.runs, args.warmup, device)
-        times = {k: v.pop("times_ms") for k, v in res.items() if isinstance(v, dict) and "times_ms" in v}
+        res, times = time_paired(rounds, args.runs, args.warmup, device)
         derived = {}
         for who in ("inductor", "graphs"):
             s, t = f"floor: {who} student b1 forward", f"floor: {who} teacher b2 forward"
